@@ -1,0 +1,1 @@
+"""Lung-focused preprocessing of chest X-rays on Ray Data."""
