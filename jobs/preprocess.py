@@ -1,0 +1,114 @@
+"""Preprocess chest X-rays into lung-focused Parquet shards.
+
+    python jobs/preprocess.py --input PATH [PATH ...] --output PATH [options]
+
+Starts a local Ray when none is running; under `ray job submit` it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from pipeline.config import SOURCE_PATH_MODES, JobConfig, SegmentConfig
+from pipeline.dataset import JobError, check_output, run_job
+from pipeline.decode import DecodeConfig
+from pipeline.variants import DEFAULT_VARIANTS, VARIANT_CONTRASTS, VARIANT_REGIONS, VariantConfig
+from pipeline.writer import OutputConfig
+
+log = logging.getLogger("preprocess")
+
+KEY_ENV = "XRAY_PSEUDONYM_KEY"  # environment variable that may hold the HMAC key
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="input folders/files or URIs (s3://, gs://, file://), searched recursively")
+    p.add_argument("--output", required=True, help="output folder or URI; must be new or empty unless --resume")
+    p.add_argument("--resume", action="store_true", help="continue a killed run into the same output: finished inputs are skipped")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                   help=f"image variants: REGION[_CONTRAST], REGION in {VARIANT_REGIONS}, CONTRAST in {tuple(c for c in VARIANT_CONTRASTS if c)}")
+    p.add_argument("--model", default=None, help="weights file (default: the model shipped in the package)")
+    p.add_argument("--size", type=int, default=None, help="output side in px (default: keep the source/crop size)")
+    p.add_argument("--resize-mode", choices=("letterbox", "square"), default="letterbox", help="with --size: keep aspect and pad, or stretch")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bit depth of the variant PNGs")
+    p.add_argument("--crop-margin", type=float, default=VariantConfig.crop_margin_frac, help="margin around the lung box, fraction of its side")
+    p.add_argument("--pad-square", action="store_true", help="pad crops to a square before resizing")
+    p.add_argument("--max-pixels", type=int, default=DecodeConfig.max_pixels, help="refuse images with more pixels than this")
+    p.add_argument("--source-path", choices=SOURCE_PATH_MODES, default="relative",
+                   help="write source_path relative to its input root, absolute, or as a keyed hash")
+    p.add_argument("--pseudonym-key-file", default=None,
+                   help=f"file holding the HMAC key for pseudonymous ids and hashed paths (or set {KEY_ENV})")
+    p.add_argument("--rows-per-shard", type=int, default=OutputConfig.rows_per_shard, help="rows per Parquet shard at most")
+    p.add_argument("--max-shard-mb", type=int, default=OutputConfig.max_shard_bytes // 2**20, help="MB per Parquet shard at most")
+    p.add_argument("--segment-gpus", type=float, default=None, help="GPUs per segmenter actor (default: 1 if the cluster has GPUs, else CPU)")
+    p.add_argument("--segment-actors", type=int, default=None, help="largest segmenter pool (default: one per GPU)")
+    p.add_argument("--segment-batch", type=int, default=SegmentConfig.batch_size, help="images per model call")
+    return p.parse_args(argv)
+
+
+def read_key(path: str | None) -> bytes | None:
+    if path:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+        if not key:
+            raise ValueError(f"pseudonym key file {path} is empty")
+        return key
+    value = os.environ.get(KEY_ENV)
+    return value.encode("utf-8") if value else None
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    return JobConfig(
+        inputs=tuple(args.input),
+        output=args.output,
+        variants=tuple(args.variants),
+        source_path_mode=args.source_path,
+        pseudonym_key=read_key(args.pseudonym_key_file),
+        resume=args.resume,
+        decode=DecodeConfig(max_pixels=args.max_pixels),
+        segment=SegmentConfig(weights=args.model, gpus_per_actor=args.segment_gpus,
+                              max_actors=args.segment_actors, batch_size=args.segment_batch),
+        variant=VariantConfig(size=args.size, resize_mode=args.resize_mode, bit_depth=args.bit_depth,
+                              crop_margin_frac=args.crop_margin, pad_square=args.pad_square),
+        out=OutputConfig(rows_per_shard=args.rows_per_shard, max_shard_bytes=args.max_shard_mb * 2**20),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        for path in cfg.inputs:
+            if "://" not in path and not os.path.lexists(path):
+                raise ValueError(f"input {path} does not exist")
+        if cfg.segment.weights and not os.path.isfile(cfg.segment.weights):
+            raise ValueError(f"model file {cfg.segment.weights} does not exist")
+        check_output(cfg)
+    except (ValueError, OSError, JobError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    ray.init(logging_level=logging.WARNING)
+    started = time.time()
+    try:
+        manifest = run_job(cfg)
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    c = manifest["counts"]
+    seconds = time.time() - started
+    rate = manifest["runs"][-1]["processed"] / seconds if seconds > 0 else 0.0
+    print(f"done: {c['images_in']} inputs, {c['ok']} images ok, {c['errors']} errors, "
+          f"{rate:.1f} images/s over {seconds:.1f} s -> {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Find the input files under one or more roots: local paths or pyarrow-filesystem URIs.
+
+Every entry that is not a directory becomes a `SourceFile`, whatever its extension: the
+decoder recognises formats by content, and anything it cannot read becomes an error row, so
+nothing found here is silently dropped. Local trees are walked without following directory
+symlinks (no loops); a symlink that points nowhere or into a loop is still listed, and fails
+later with a clear read error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://", "hdfs://", "abfs://", "abfss://")
+
+
+@dataclass(frozen=True, order=True)
+class SourceFile:
+    """One input file.
+
+    `rel_path` identifies it in the output and on resume: the path relative to its input root,
+    prefixed with the root's name when several roots are given. `location` is what the reader
+    opens (a local path, possibly not valid UTF-8, or a URI).
+    """
+
+    rel_path: str
+    location: str
+    root: str
+
+
+def is_uri(path: str) -> bool:
+    return path.startswith(_URI_SCHEMES)
+
+
+def printable(name: str) -> str:
+    """A file name that can be stored as UTF-8: undecodable bytes become \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+def _walk_local(root: str) -> list[tuple[str, str]]:
+    """(location, relative posix path) for every non-directory entry under a local root."""
+    if not os.path.isdir(root):
+        return [(root, os.path.basename(root))]
+    found = []
+    skipped_dir_links = 0
+
+    def on_error(err: OSError) -> None:
+        # An unreadable directory: its files cannot be listed, so say so loudly.
+        log.warning("cannot list %s: %s", printable(str(err.filename)), err.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
+        kept_dirs = []
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                skipped_dir_links += 1
+            else:
+                kept_dirs.append(d)
+        dirnames[:] = sorted(kept_dirs)
+        for name in filenames:
+            location = os.path.join(dirpath, name)
+            rel = os.path.relpath(location, root).replace(os.sep, "/")
+            found.append((location, rel))
+    if skipped_dir_links:
+        log.warning("%d symlinked directories under %s were not followed", skipped_dir_links, root)
+    return found
+
+
+def _walk_uri(uri: str) -> list[tuple[str, str]]:
+    fs, base = pafs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {uri} does not exist")
+    if info.type == pafs.FileType.File:
+        return [(uri, posixpath.basename(base))]
+    scheme_prefix = uri[: uri.index("://") + 3]
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if entry.type == pafs.FileType.Directory:
+            continue
+        rel = posixpath.relpath(entry.path, base)
+        found.append((scheme_prefix + entry.path, rel))
+    return found
+
+
+def root_name(root: str) -> str:
+    return posixpath.basename(root.rstrip("/")) or root
+
+
+def discover(roots: list[str]) -> list[SourceFile]:
+    """All files under `roots`, sorted by `rel_path`.
+
+    Raises FileNotFoundError for a root that does not exist and ValueError when two roots would
+    give the same relative names.
+    """
+    if not roots:
+        raise ValueError("expected at least one input path, got none")
+    prefix_roots = len(roots) > 1
+    if prefix_roots:
+        names = [root_name(r) for r in roots]
+        clashes = sorted({n for n in names if names.count(n) > 1})
+        if clashes:
+            raise ValueError(f"input roots must have distinct names, got {clashes} more than once")
+    files: dict[str, SourceFile] = {}
+    for root in roots:
+        if is_uri(root) and not root.startswith("file://"):
+            entries = _walk_uri(root)
+        else:
+            local = root[len("file://"):] if root.startswith("file://") else root
+            if not os.path.lexists(local):
+                raise FileNotFoundError(f"input {root} does not exist")
+            entries = _walk_local(local)
+        for location, rel in entries:
+            rel = printable(rel)
+            if prefix_roots:
+                rel = f"{root_name(root)}/{rel}"
+            files.setdefault(rel, SourceFile(rel_path=rel, location=location, root=root))
+    return sorted(files.values())

@@ -1,0 +1,165 @@
+"""End-to-end runs of the preprocessing job on a local Ray: samples, bad input, privacy, options."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, SAMPLES
+from corpus import make_bad_corpus, phantom_xray, write_dicom, write_phi_dicom
+from pipeline.config import JobConfig
+from pipeline.dataset import run_job
+from pipeline.schema import ERRORS_SCHEMA, images_schema
+from pipeline.writer import OutputConfig
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = ("masked", "masked_eq", "masked_crop", "masked_crop_eq", "crop_clahe")
+
+
+def read_output(out: Path) -> tuple[dict, list[dict], list[dict]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    images = [r for p in sorted((out / "images").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    errors = [r for p in sorted((out / "errors").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return manifest, images, errors
+
+
+def sha256_of_tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every regular, readable file under root."""
+    out = {}
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+        except OSError:
+            pass
+    return out
+
+
+def test_job_on_the_bundled_samples(ray_local, tmp_path):
+    out = tmp_path / "out"
+    manifest = run_job(JobConfig(inputs=(str(SAMPLES / "xrays"),), output=str(out), variants=VARIANTS,
+                                 out=OutputConfig(rows_per_shard=4)))
+    manifest2, images, errors = read_output(out)
+    assert manifest == manifest2
+    inputs = sorted(p.relative_to(SAMPLES / "xrays").as_posix() for p in (SAMPLES / "xrays").rglob("*") if p.is_file())
+    assert sorted(r["source_path"] for r in images) == inputs, errors
+    assert errors == []
+    assert manifest["complete"] and manifest["counts"]["ok"] == len(inputs)
+    assert len(manifest["shards"]["images"]) >= 2  # rows_per_shard=4 splits the samples
+
+    schema = pq.read_schema(next((out / "images").glob("part-*.parquet")))
+    assert schema.equals(images_schema(list(VARIANTS)), check_metadata=False)
+    for row in images:
+        mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (row["source_height"], row["source_width"])
+        assert set(np.unique(mask)) <= {0, 255}
+        assert row["lung_fraction"] == pytest.approx((mask > 0).mean(), abs=1e-6)
+        for v in VARIANTS:
+            img = cv2.imdecode(np.frombuffer(row[f"{v}_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            assert img.shape == (row[f"{v}_height"], row[f"{v}_width"]) and img.dtype == np.uint8
+        assert row["model_sha256"] == manifest["model"]["sha256"]
+    by_name = {r["source_path"]: r for r in images}
+    fake = by_name["txv_Fake_MONOHR1.dcm"]
+    assert "polarity_corrected" in fake["qc_flags"]
+    assert fake["dicom_photometric_interpretation"] == "MONOCHROME1"
+    assert sum(r["qc_pass"] for r in images) >= len(images) - 1
+
+
+def test_bad_input_is_accounted_for_and_good_files_processed(ray_local, tmp_path):
+    root = tmp_path / "in"
+    expected = make_bad_corpus(root)
+    out = tmp_path / "out"
+    manifest = run_job(JobConfig(inputs=(str(root),), output=str(out), variants=("masked",)))
+    _, images, errors = read_output(out)
+
+    ok_paths = {r["source_path"] for r in images}
+    err_paths = {r["source_path"] for r in errors}
+    assert not ok_paths & err_paths
+    assert manifest["counts"]["images_in"] == len(images) + len(errors)
+    for rel, outcome in expected.items():
+        name = rel if isinstance(rel, str) else rel.decode("utf-8", "backslashreplace")
+        got = "ok" if name in ok_paths else "error" if name in err_paths else "missing"
+        assert got == outcome, (name, got, [e for e in errors if e["source_path"] == name])
+    # By content too: every readable input file's sha256 is in exactly one of the two tables.
+    readable = set(sha256_of_tree(root).values())
+    shas = [r["source_sha256"] for r in images + errors if r["source_sha256"] is not None]
+    assert set(shas) == readable
+    for e in errors:
+        assert e["stage"] in ("read", "decode", "postprocess") and e["message"] and e["error_type"]
+    assert pq.read_schema(next((out / "errors").glob("part-*.parquet"))).equals(ERRORS_SCHEMA, check_metadata=False)
+
+
+def test_no_identifying_dicom_value_leaves_the_machine(ray_local, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    phi = write_phi_dicom(root / "patient.dcm")
+    (root / "broken.dcm").write_bytes((root / "patient.dcm").read_bytes()[:600])  # an error row for the same patient
+    out = tmp_path / "out"
+    run_job(JobConfig(inputs=(str(root),), output=str(out), variants=("masked",), pseudonym_key=b"site-secret"))
+    _, images, errors = read_output(out)
+    assert len(images) == 1 and len(errors) == 1
+    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    for value in phi:
+        assert value.encode() not in blob, value
+    row = images[0]
+    assert row["pseudo_patient_id"] and len(row["pseudo_patient_id"]) == 64
+    assert row["dicom_modality"] is not None
+
+
+def test_hashed_source_paths(ray_local, tmp_path):
+    root = tmp_path / "ACC123456"
+    root.mkdir()
+    cv2.imwrite(str(root / "ACC123456_chest.png"), (phantom_xray(128, 128) >> 8).astype(np.uint8))
+    out = tmp_path / "out"
+    run_job(JobConfig(inputs=(str(root),), output=str(out), variants=("masked",),
+                      source_path_mode="hashed", pseudonym_key=b"k"))
+    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert b"ACC123456" not in blob
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "preprocess.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing input", "output not empty", "unknown variant"])
+def test_bad_options_are_refused_up_front(tmp_path, case):
+    out = tmp_path / "out"
+    args = ["--input", str(SAMPLES / "xrays"), "--output", str(out)]
+    if case == "missing input":
+        args[1] = str(tmp_path / "nope")
+    elif case == "output not empty":
+        out.mkdir()
+        (out / "something").write_text("x")
+    else:
+        args += ["--variants", "masked", "sepia"]
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert {"missing input": "nope", "output not empty": "not empty", "unknown variant": "sepia"}[case] in lines[0]
+
+
+def test_dicom_pixels_reach_the_output_in_the_right_polarity(ray_local, tmp_path):
+    """A MONOCHROME1 phantom comes out with the same brightness order as its MONOCHROME2 twin."""
+    root = tmp_path / "in"
+    root.mkdir()
+    img = phantom_xray(256, 256)
+    write_dicom(root / "mono2.dcm", pixels=img >> 4, photometric="MONOCHROME2", bits_stored=12)
+    write_dicom(root / "mono1.dcm", pixels=4095 - (img >> 4), photometric="MONOCHROME1", bits_stored=12)
+    out = tmp_path / "out"
+    run_job(JobConfig(inputs=(str(root),), output=str(out), variants=("full",)))
+    _, images, errors = read_output(out)
+    assert errors == []
+    full = {r["source_path"]: cv2.imdecode(np.frombuffer(r["full_png"], np.uint8), cv2.IMREAD_UNCHANGED) for r in images}
+    diff = np.abs(full["mono1.dcm"].astype(int) - full["mono2.dcm"].astype(int))
+    assert diff.max() <= 1
