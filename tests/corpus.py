@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_encoder
+from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.processing import convert_color_space
 from pydicom.uid import (
     UID,
@@ -131,7 +131,7 @@ def write_dicom(
     if voi_lut is not None:
         item = Dataset()
         item.LUTDescriptor = [len(voi_lut), 0, 16]
-        item.LUTData = [int(v) for v in voi_lut]
+        item.add_new("LUTData", "US", [int(v) for v in voi_lut])
         ds.VOILUTSequence = [item]
     for key, value in (extra or {}).items():
         if isinstance(key, tuple):
@@ -150,7 +150,8 @@ def write_dicom(
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.PixelData = stored.tobytes()
+    big_endian = ts == ExplicitVRBigEndian and stored.itemsize > 1
+    ds.PixelData = (stored.astype(stored.dtype.newbyteorder(">")) if big_endian else stored).tobytes()
     ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
     if ts in UNCOMPRESSED:
         ds.file_meta.TransferSyntaxUID = ts
@@ -160,8 +161,14 @@ def write_dicom(
             can_encode = encoder.is_available
         except NotImplementedError:
             can_encode = False
+        try:
+            can_decode = get_decoder(ts).is_available
+        except NotImplementedError:
+            can_decode = False
         if can_encode:
             ds.compress(ts, stored)
+        elif can_decode:
+            raise ValueError(f"expected an installed encoder for {ts.name}, found none")
         else:
             ds.PixelData = encapsulate([stored.tobytes()])
             ds["PixelData"].VR = "OB"
@@ -348,8 +355,11 @@ def _huffman_codes(bits: list[int], vals: list[int]) -> dict[int, tuple[int, int
     return codes
 
 
+K_STEP = 24  # black ink added per 8-px block column in cmyk_jpeg
+
+
 def cmyk_jpeg(h: int = 64, w: int = 64, cmyk: tuple[int, int, int, int] = (30, 60, 90, 40)) -> bytes:
-    """A baseline 4-component (Adobe CMYK, no transform) JPEG with a flat colour, by hand.
+    """A baseline 4-component (Adobe CMYK, no transform) JPEG, darker to the right, by hand.
 
     OpenCV cannot write CMYK; this minimal encoder writes DC-only blocks (all AC = 0) with the
     standard Huffman tables, quantisation 1, no subsampling. h and w must be multiples of 8.
@@ -360,12 +370,14 @@ def cmyk_jpeg(h: int = 64, w: int = 64, cmyk: tuple[int, int, int, int] = (30, 6
     bits: list[tuple[int, int]] = []
     blocks = (h // 8) * (w // 8)
     # Level-shifted DC of a flat block = 8 * (value - 128). Adobe CMYK is stored inverted.
-    dcs = [8 * ((255 - v) - 128) for v in cmyk]
+    # K grows by K_STEP per block column so the image is not flat.
     prev = [0, 0, 0, 0]
-    for _ in range(blocks):
+    for b in range(blocks):
+        ink = [*cmyk[:3], min(255, cmyk[3] + K_STEP * (b % (w // 8)))]
         for c in range(4):
-            diff = dcs[c] - prev[c]
-            prev[c] = dcs[c]
+            dc = 8 * ((255 - ink[c]) - 128)
+            diff = dc - prev[c]
+            prev[c] = dc
             size = int(abs(diff)).bit_length()
             bits.append(dc_codes[size])
             if size:
