@@ -1,0 +1,114 @@
+"""Nothing identifying leaves decode: allowlisted attributes only; keyed, stable pseudonyms."""
+
+from __future__ import annotations
+
+import pytest
+from corpus import PHI_VALUES, phantom_xray, write_dicom, write_phi_dicom
+
+from pipeline.decode import decode_image
+from pipeline.privacy import (
+    DICOM_ALLOWLIST,
+    allowlisted_attributes,
+    hashed_path,
+    pseudonym,
+    pseudonymous_ids,
+)
+
+KEY = b"test-key-0123456789"
+
+
+@pytest.fixture
+def phi_decoded(tmp_path):
+    path = tmp_path / "phi.dcm"
+    values = write_phi_dicom(path)
+    return decode_image(path.read_bytes(), source=str(path)), values
+
+
+def test_phi_file_really_carries_phi(tmp_path):
+    import pydicom
+
+    path = tmp_path / "phi.dcm"
+    values = write_phi_dicom(path)
+    dumped = repr(pydicom.dcmread(path))
+    missing = [v for v in values if v not in dumped]
+    assert not missing and len(values) >= 25
+
+
+def test_no_phi_in_attributes_or_notes(phi_decoded):
+    decoded, values = phi_decoded
+    text = repr(decoded.attributes) + repr(decoded.notes) + decoded.format
+    leaked = [v for v in values if v in text]
+    assert not leaked
+    assert set(decoded.attributes) == set(DICOM_ALLOWLIST.values())
+
+
+def test_attributes_are_plain_python(phi_decoded):
+    decoded, _ = phi_decoded
+    assert decoded.attributes == {
+        "dicom_modality": "DX",
+        "dicom_view_position": "PA",
+        "dicom_photometric_interpretation": "MONOCHROME2",
+        "dicom_bits_stored": 12,
+        "dicom_pixel_spacing": [0.2, 0.2],
+        "dicom_rows": 64,
+        "dicom_columns": 64,
+    }
+    assert type(decoded.attributes["dicom_pixel_spacing"]) is list
+    assert all(type(v) is float for v in decoded.attributes["dicom_pixel_spacing"])
+
+
+def test_missing_attributes_are_none(tmp_path):
+    import pydicom
+
+    path = write_dicom(tmp_path / "bare.dcm", pixels=phantom_xray(64, 64) >> 4)
+    ds = pydicom.dcmread(path)
+    del ds.ViewPosition, ds.PixelSpacing
+    attrs = allowlisted_attributes(ds)
+    assert attrs["dicom_view_position"] is None and attrs["dicom_pixel_spacing"] is None
+    assert attrs["dicom_rows"] == 64
+
+
+def test_identifiers_are_raw_and_only_for_hashing(phi_decoded):
+    decoded, _ = phi_decoded
+    assert decoded.identifiers == {
+        "PatientID": PHI_VALUES["PatientID"],
+        "StudyInstanceUID": PHI_VALUES["StudyInstanceUID"],
+        "SOPInstanceUID": PHI_VALUES["SOPInstanceUID"],
+    }
+    ids = pseudonymous_ids(decoded.identifiers, KEY)
+    assert not [v for v in PHI_VALUES.values() if v in repr(ids)]
+
+
+def test_pseudonym_is_hmac_sha256_stable_and_key_dependent():
+    # RFC 4231 test case 2.
+    assert pseudonym("what do ya want for nothing?", b"Jefe") == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    )
+    assert pseudonym("x", KEY) == pseudonym("x", KEY)
+    assert pseudonym("x", KEY) != pseudonym("x", KEY + b"!")
+    assert pseudonym("x", KEY) != pseudonym("y", KEY)
+    with pytest.raises(ValueError, match="non-empty"):
+        pseudonym("x", b"")
+
+
+def test_pseudonymous_ids_without_key_or_identifier_are_none():
+    ids = {"PatientID": "p", "StudyInstanceUID": "1.2.3"}
+    assert pseudonymous_ids(ids, None) == {"pseudo_patient_id": None, "pseudo_study_id": None, "pseudo_image_id": None}
+    got = pseudonymous_ids(ids, KEY)
+    assert got["pseudo_patient_id"] == pseudonym("p", KEY)
+    assert got["pseudo_study_id"] == pseudonym("1.2.3", KEY)
+    assert got["pseudo_image_id"] is None
+
+
+def test_hashed_path_is_keyed():
+    p = "/data/Patient Smith (1).dcm"
+    assert hashed_path(p, KEY) == hashed_path(p, KEY)
+    assert hashed_path(p, KEY) != hashed_path(p, b"other")
+    assert "Smith" not in hashed_path(p, KEY) and len(hashed_path(p, KEY)) == 64
+
+
+def test_non_dicom_has_no_attributes_or_identifiers(tmp_path):
+    from corpus import encode
+
+    decoded = decode_image(encode(".png", (phantom_xray(64, 64) >> 8).astype("uint8")), source="a.png")
+    assert decoded.attributes == {} and decoded.identifiers == {}
