@@ -186,7 +186,7 @@ PHI_VALUES: dict[str, str] = {
     "PatientAddress": "PHI-PatientAddress-7f3a",
     "OtherPatientIDs": "PHI-OtherPatientIDs-7f3a",
     "PatientMotherBirthName": "PHI^MotherBirthName-7f3a",
-    "PatientTelephoneNumbers": "PHI-Telephone-7f3a",
+    "PatientTelephoneNumbers": "PHI-Phone-7f3a",
     "AccessionNumber": "PHI-Acc-7f3a",
     "InstitutionName": "PHI-InstitutionName-7f3a",
     "InstitutionAddress": "PHI-InstitutionAddress-7f3a",
