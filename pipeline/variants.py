@@ -173,8 +173,10 @@ def equalize(img: np.ndarray, *, roi: np.ndarray | None = None) -> np.ndarray:
 
     The lowest occurring value maps to 0 and the highest to the dtype's maximum; the mapping is
     monotonic (the CDF). With ``roi`` (uint8 lung mask) the histogram counts roi pixels only and
-    pixels outside the roi come out 0; otherwise the black background would dominate the CDF.
-    A constant region (one value) is left unchanged.
+    pixels outside the roi come out 0, so non-lung pixels (soft tissue, labels, the black of a
+    masked image) do not shape the mapping. A constant region (one value) is left unchanged::
+
+        [[10, 10], [20, 30]] (uint8) -> [[0, 0], [128, 255]]
     """
     _check_image(img)
     _check_roi(img, roi)
