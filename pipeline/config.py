@@ -38,6 +38,8 @@ class JobConfig:
     resume: bool = False  # continue into an output that holds finished shards
     decode_batch_size: int = 8  # images per decode task batch
     postprocess_batch_size: int = 4  # images per refine/variants task batch
+    decode_memory_mb: int = 512  # memory reserved per decode task (MB); the distinct reservation also keeps
+    #                              decoding a CPU stage of its own instead of fusing into the segmenter actors
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)

@@ -71,8 +71,11 @@ def segmenter_resources(cfg: JobConfig) -> tuple[float, int]:
     return gpus, max(1, cluster_cpus // CPUS_PER_CPU_ACTOR)
 
 
-def build_dataset(files: list[SourceFile], cfg: JobConfig) -> ray.data.Dataset:
-    """The lazy Dataset of result rows (image rows and error rows) for `files`."""
+def build_dataset(files: list[SourceFile], cfg: JobConfig, *, segmenter: type = Segmenter) -> ray.data.Dataset:
+    """The lazy Dataset of result rows (image rows and error rows) for `files`.
+
+    `segmenter` is the callable class run as the actor pool (Segmenter, or a subclass).
+    """
     meta = read_model_meta(cfg.segment.weights)
     post = PostprocessConfig(
         variants=tuple(cfg.variants),
@@ -89,9 +92,10 @@ def build_dataset(files: list[SourceFile], cfg: JobConfig) -> ray.data.Dataset:
         batch_size=cfg.decode_batch_size,
         fn_kwargs={"cfg": cfg.decode, "meta": meta, "pseudonym_key": cfg.pseudonym_key},
         num_cpus=1,
+        memory=cfg.decode_memory_mb * 2**20,
     )
     ds = ds.map_batches(
-        Segmenter,
+        segmenter,
         batch_format="pyarrow",
         batch_size=cfg.segment.batch_size,
         fn_constructor_kwargs={"weights": cfg.segment.weights, "cpu_threads": cfg.segment.cpu_threads},
@@ -143,7 +147,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def run_job(cfg: JobConfig) -> dict:
+def run_job(cfg: JobConfig, *, segmenter: type = Segmenter) -> dict:
     """Process every input not yet in the output, then write and return the manifest.
 
     Raises JobError before any work when the output is not usable, and after the work when
@@ -160,7 +164,7 @@ def run_job(cfg: JobConfig) -> dict:
     todo = [f for f in files if f.rel_path not in already]
     log.info("%d inputs, %d already done, %d to process", len(files), len(files) - len(todo), len(todo))
     if todo:
-        results = build_dataset(todo, cfg)
+        results = build_dataset(todo, cfg, segmenter=segmenter)
         written = results.map_batches(
             write_shards,
             batch_format="pyarrow",

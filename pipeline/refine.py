@@ -4,8 +4,8 @@ The seed notebook repaired its 256x256 masks with vertical and horizontal closin
 components under 800 px. Here every length and area is a fraction of the image size, so one
 ``RefineConfig`` gives the same result at 256 px and at 3000 px:
 
-    probability (S, S) --bilinear--> (H, W) --threshold--> fill holes --> close vertical
-    --> close horizontal --> fill holes --> drop small components --> keep the n largest
+    probability (S, S) --bilinear--> (H, W) --threshold--> close vertical --> close horizontal
+    --> fill holes --> drop small components --> keep the n largest
 
 Topology: foreground components are 8-connected, background (and so holes) 4-connected, the
 usual dual pair, so a pixel enclosed only diagonally counts as enclosed.
@@ -263,13 +263,16 @@ def refine_mask(
     prob: float32 (S, S) in [0, 1]; shape: (H, W) of the source image.
     Returns uint8 (H, W), values {0, 255}; may be all 0 when no lungs were found (QC flags it).
 
-    Steps: bilinear upsample, threshold, fill holes, close vertically then horizontally
-    (lines of ``close_frac`` of the height / width), fill holes that the closing enclosed,
+    Steps: bilinear upsample, threshold, close vertically then horizontally (lines of
+    ``close_frac`` of the height / width), fill holes (those of the model and those the closing
+    enclosed),
     drop components under ``min_area_frac`` of the image, keep the ``max_components`` largest.
     """
     h, w = _check_shape(shape)
     mask = threshold_mask(upsample_probability(prob, (h, w)), cfg.threshold)
-    mask = fill_holes(mask)
+    # No hole filling before the closing: a hole's 4-neighbours are all lung, so no gap that a
+    # line closing bridges can end in one; filling once afterwards gives the identical mask
+    # (tested) and saves a full-frame flood fill.
     mask = close_vertical(mask, length_px=line_length_px(cfg.close_frac, h))
     mask = close_horizontal(mask, length_px=line_length_px(cfg.close_frac, w))
     mask = fill_holes(mask)

@@ -1,0 +1,80 @@
+"""Segmenter cost per image at the model's input size, and the per-image CPU stages beside it.
+
+    python benchmarks/bench_segment.py [--model PATH] [--threads 2] [--batch 16] [--repeats 5]
+
+Prints milliseconds per image for: prepare_input (CPU), the model (on the device chosen:
+CUDA when present), refine_mask + variants at 1024x1024, and their ratios, all measured in
+this one run. The model is timed on real arrays (the bundled samples), after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.decode import decode_image
+from pipeline.model import prepare_input
+from pipeline.refine import refine_mask
+from pipeline.segment import Segmenter
+from pipeline.variants import DEFAULT_VARIANTS, VariantConfig, encode_png, make_variants
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "xrays"
+SOURCE_SIDE = 1024  # px: the source resolution at which refinement and variants are timed
+
+
+def per_image_ms(fn, n_images: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 1000.0 * best / n_images
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    seg = Segmenter(args.model, device=args.device, cpu_threads=args.threads)
+    images = [decode_image(f.read_bytes(), source=f.name).pixels for f in sorted(SAMPLES.iterdir())]
+    batch = [images[i % len(images)] for i in range(args.batch)]
+    prep_ms = per_image_ms(lambda: [prepare_input(x, seg.meta) for x in batch], len(batch), args.repeats)
+    inputs = np.stack([prepare_input(x, seg.meta) for x in batch])
+    seg.predict(inputs)  # warm-up
+    if seg.device.type == "cuda":
+        torch.cuda.synchronize()
+    model_ms = per_image_ms(lambda: seg.predict(inputs), len(batch), args.repeats)
+
+    prob = seg.predict(inputs[:1])[0]
+    import cv2
+
+    pixels = cv2.resize(images[0], (SOURCE_SIDE, SOURCE_SIDE), interpolation=cv2.INTER_AREA)
+
+    def post():
+        mask = refine_mask(prob, pixels.shape)
+        for img in make_variants(pixels, mask, list(DEFAULT_VARIANTS), VariantConfig()).values():
+            encode_png(img)
+        encode_png(mask)
+
+    post_ms = per_image_ms(post, 1, args.repeats)
+    params = sum(p.numel() for p in seg.model.parameters())
+    print(f"model {seg.meta.name}: {params / 1e6:.2f}M parameters, input {seg.size}x{seg.size}, device {seg.device}, "
+          f"{args.threads} CPU threads, batch {args.batch}")
+    print(f"prepare_input          {prep_ms:8.2f} ms/image")
+    print(f"model forward          {model_ms:8.2f} ms/image  ({1000.0 / model_ms:.1f} images/s)")
+    print(f"refine + 4 variants    {post_ms:8.2f} ms/image at {SOURCE_SIDE}x{SOURCE_SIDE}")
+    print(f"ratio model / (prepare + post) = {model_ms / (prep_ms + post_ms):.2f}")
+
+
+if __name__ == "__main__":
+    main()
