@@ -10,8 +10,9 @@ components under 800 px. Here every length and area is a fraction of the image s
 Topology: foreground components are 8-connected, background (and so holes) 4-connected, the
 usual dual pair, so a pixel enclosed only diagonally counts as enclosed.
 
-Timing: refine_mask on 3000x2500 (from a 256x256 probability): ~80 ms on this 2-core machine
-(about a third of it is connectedComponentsWithStats; closing and hole filling ~10 ms each).
+Timing: refine_mask on 3000x2500 (from a 256x256 probability): ~105 ms on this 2-core machine
+(min of 20, measured while other jobs kept both cores busy; about a third is
+connectedComponentsWithStats, closing and hole filling ~10 ms each).
 """
 
 from __future__ import annotations

@@ -442,6 +442,20 @@ def test_refine_mask_scales_closing_with_image_size():
         assert stats.n_components == 3, factor
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_fill_before_closing_would_change_nothing(seed):
+    """refine_mask fills holes once, after closing; filling before as well gives the same mask."""
+    rng = np.random.default_rng(seed)
+    mask = np.where(rng.random((40, 40)) < 0.4, 255, 0).astype(np.uint8)
+
+    def close_then_fill(m):
+        return fill_holes(close_horizontal(close_vertical(m, length_px=3), length_px=3))
+
+    once = close_then_fill(mask)
+    assert not np.array_equal(once, close_horizontal(close_vertical(mask, length_px=3), length_px=3))
+    np.testing.assert_array_equal(close_then_fill(fill_holes(mask)), once)
+
+
 def test_refine_mask_keeps_two_largest(phantom):
     p = phantom.copy()
     p[59:64, 2:62] = LUNG_P  # a third, large-enough component (300 px > 1.2%), 3 px below the lungs

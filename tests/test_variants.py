@@ -333,10 +333,14 @@ def test_every_variant_shape_and_dtype(img16, mask, name, bit_depth):
 
 
 def test_pad_square_applies_to_crops_only(img16, mask):
-    out = make_variants(img16, mask, ["crop", "full"], VariantConfig(pad_square=True))
+    out = make_variants(img16, mask, ["crop", "masked_crop", "full", "masked"], VariantConfig(pad_square=True))
     assert out["crop"].shape == (58, 58)  # 52 x 58 padded 3 above, 3 below
-    assert np.all(out["crop"][:3] == 0) and np.all(out["crop"][-3:] == 0)
-    assert out["full"].shape == (SIDE, SIDE)
+    assert np.all(out["crop"][:3] == 0) and np.all(out["crop"][-3:] == 0) and np.all(out["crop"][3:-3] > 0)
+    assert out["masked_crop"].shape == (58, 58)
+    wide_img, wide_mask = img16[:40], mask[:40]  # 40 x 64: a full frame stays as it is
+    wide = make_variants(wide_img, wide_mask, ["full", "masked"], VariantConfig(pad_square=True, bit_depth=16))
+    np.testing.assert_array_equal(wide["full"], wide_img)
+    assert wide["masked"].shape == (40, 64)
 
 
 def test_letterboxed_crop_keeps_aspect(img16, mask):
