@@ -1,0 +1,59 @@
+"""The job as a cluster runs it: `ray start --head`, then `ray job submit --working-dir .`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLES
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path):
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(1)
+        out = tmp_path / "out"
+        r = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             sys.executable, "jobs/preprocess.py", "--input", str(SAMPLES / "xrays"), "--output", str(out),
+             "--variants", "masked_crop_eq"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert "9 images ok, 0 errors" in r.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["counts"]["ok"] == 9
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
