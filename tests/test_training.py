@@ -1,0 +1,234 @@
+"""Training data, augmentation, loss and the train loop on tiny synthetic pairs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model import load_model, read_model_meta
+from pipeline.training import (
+    TRAIN,
+    VAL,
+    AugmentConfig,
+    TrainConfig,
+    augment_geometry,
+    augment_intensity,
+    dice_bce_loss,
+    dice_scores,
+    hash_split,
+    load_pairs,
+    patient_key,
+    random_affines,
+    train,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_ARCH = {"input_size": 32, "base_width": 4, "depth": 2, "batch_size": 4, "loader_workers": 0}
+
+
+def _load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _pair(i: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image and 0/255 mask: two dark elliptic 'lungs' in a brighter body, varying per i."""
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:size, 0:size] / size
+    mask = np.zeros((size, size), bool)
+    for cx in (0.3 + rng.uniform(-0.03, 0.03), 0.7 + rng.uniform(-0.03, 0.03)):
+        mask |= ((x - cx) / 0.13) ** 2 + ((y - 0.5) / rng.uniform(0.25, 0.32)) ** 2 < 1
+    img = 150 + 60 * x - 110 * mask + rng.normal(0, 6, mask.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), mask.astype(np.uint8) * 255
+
+
+@pytest.fixture
+def pair_folder(tmp_path) -> Path:
+    """tmp_path/pairs/{images,masks}/case (i).png, 16 pairs; names with spaces and parentheses."""
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(16):
+        img, mask = _pair(i)
+        cv2.imwrite(str(root / "images" / f"case ({i}).png"), img)
+        cv2.imwrite(str(root / "masks" / f"case ({i}).png"), mask)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_patient_key_and_stable_hash_split():
+    assert patient_key("00000013_005") == "00000013"
+    assert patient_key("CHNCXR_0001_0") == "CHNCXR_0001"
+    assert patient_key("patient00042_study3_view1_frontal") == "patient00042"
+    assert patient_key("Non_COVID (28)") == "Non_COVID (28)"
+    assert hash_split("00000013_000", val_fraction=0.5) == hash_split("00000013_007", val_fraction=0.5)
+    splits = [hash_split(f"img{i}", val_fraction=0.2) for i in range(2000)]
+    assert splits == [hash_split(f"img{i}", val_fraction=0.2) for i in range(2000)]
+    assert 0.15 < splits.count(VAL) / len(splits) < 0.25
+
+
+def test_load_pairs_folder_and_manifest(pair_folder):
+    pairs = load_pairs(pair_folder, val_fraction=0.3)
+    assert len(pairs.names) == 16 and set(pairs.split) <= {TRAIN, VAL}
+    assert pairs.images[0].dtype == np.uint8 and pairs.masks[0].dtype == bool
+    manifest = pair_folder / "list.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "mask", "split", "class"])
+        for i in range(6):
+            w.writerow([f"images/case ({i}).png", f"masks/case ({i}).png", ["Train", "Val", "Test"][i % 3], "x"])
+    m = load_pairs(manifest)
+    assert m.names == ["case (0)", "case (1)", "case (3)", "case (4)"]
+    assert m.split == [TRAIN, VAL, TRAIN, VAL]
+    np.testing.assert_array_equal(m.masks[1], cv2.imread(str(pair_folder / "masks/case (1).png"), 0) > 0)
+
+
+def test_pack_round_trip(pair_folder, tmp_path):
+    pack = _load_job("pack_pairs")
+    out = tmp_path / "packed.npz"
+    stats = pack.pack(str(pair_folder), out, size=48, val_fraction=0.3)
+    assert stats["pairs"] == 16
+    original, packed = load_pairs(pair_folder, val_fraction=0.3), load_pairs(out)
+    assert packed.names == original.names and packed.split == original.split
+    for a, b, ma, mb in zip(original.images, packed.images, original.masks, packed.masks):
+        np.testing.assert_array_equal(ma, mb)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 6  # JPEG q85 on white noise
+    raw = tmp_path / "raw.npz"
+    pack.pack(str(pair_folder), raw, encoding="raw", size=48)
+    np.testing.assert_array_equal(load_pairs(raw).images[3], original.images[3])
+
+
+# ----------------------------------------------------------------------------------- augmentation
+
+
+def test_geometry_keeps_image_and_mask_aligned():
+    size = 32
+    mask = torch.zeros(8, 1, size, size)
+    mask[:, :, 10:22, 6:14] = 1
+    theta = random_affines(8, cfg=AugmentConfig(), generator=torch.Generator().manual_seed(0))
+    img, m = augment_geometry(mask.clone(), mask, theta)
+    assert torch.equal(img > 0.5, m > 0.5)  # same warp, same interpolation
+    assert set(torch.unique(m).tolist()) <= {0.0, 1.0}
+
+
+def test_geometry_exact_shift():
+    size = 32
+    img = torch.zeros(1, 1, size, size)
+    img[0, 0, 10:20, 6:12] = 1
+    theta = torch.tensor([[[1.0, 0.0, 0.25], [0.0, 1.0, -0.125]]])  # sample 4 px right and 2 px up
+    out_img, out_mask = augment_geometry(img, img.clone(), theta)
+    expected = torch.zeros_like(img)
+    expected[0, 0, 12:22, 2:8] = 1  # content moves 4 px left, 2 px down
+    torch.testing.assert_close(out_img, expected)
+    torch.testing.assert_close(out_mask, expected)
+
+
+def test_geometry_never_flips():
+    theta = random_affines(5000, cfg=AugmentConfig(), generator=torch.Generator().manual_seed(1))
+    assert (torch.linalg.det(theta[:, :, :2]) > 0).all()
+    size = 64
+    img = torch.zeros(64, 1, size, size)
+    img[:, :, 24:40, 4:20] = 1  # a blob in the left quarter stays on the left
+    out, _ = augment_geometry(img, img, theta[:64])
+    xs = torch.arange(size, dtype=torch.float32)
+    centroid_x = (out[:, 0].sum(1) * xs).sum(1) / out[:, 0].sum((1, 2))
+    assert (centroid_x < size / 2 - 4).all()
+
+
+def test_intensity_augmentation_shapes_and_range():
+    img, _ = _pair(0, size=64)
+    always = AugmentConfig(p_border=1, p_corner=1, p_gradient=1, p_clahe=1, p_blur=1, p_noise=1)
+    rng = np.random.default_rng(0)
+    for cfg in (always, AugmentConfig()):
+        for src in (img, img.astype(np.uint16) * 257):
+            out = augment_intensity(src, rng, cfg)
+            assert out.dtype == np.uint16 and out.shape == src.shape
+    borders = augment_intensity(img, np.random.default_rng(3), AugmentConfig(p_border=0, p_corner=1, p_noise=0))
+    assert borders[0, 0] < 0.06 * 65535  # a dark corner patch
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def test_loss_and_dice():
+    m = torch.zeros(2, 1, 8, 8)
+    m[:, :, 2:6, 2:6] = 1
+    assert dice_bce_loss((m * 2 - 1) * 20, m) < 0.01
+    assert dice_bce_loss(-(m * 2 - 1) * 20, m) > 1.5
+    pred = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    pred[0, :, 2:6, 2:4] = True  # half the square
+    torch.testing.assert_close(dice_scores(pred, m > 0), torch.tensor([2 * 8 / (8 + 16), 0.0]))
+    torch.testing.assert_close(dice_scores(torch.zeros(1, 4), torch.zeros(1, 4)), torch.tensor([1.0]))
+
+
+# ------------------------------------------------------------------------------------- train loop
+
+
+def test_local_train_lowers_loss_and_saves_loadable_model(pair_folder, tmp_path):
+    out = tmp_path / "w" / "lung.pt"
+    cfg = TrainConfig(data=str(pair_folder), out=str(out), epochs=4, lr=1e-2, val_fraction=0.25,
+                      checkpoint_dir=str(tmp_path / "ck"), command="test", **TINY_ARCH)
+    result = train(cfg)
+    assert result["epochs"] == 4
+    meta = read_model_meta(out)
+    history = meta.training["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert meta.input_size == 32 and meta.arch["base_width"] == 4 and meta.training["epochs"] == 4
+    assert meta.metrics["val_dice"] == pytest.approx(result["best_val_dice"])
+    model, _ = load_model(out)
+    with torch.inference_mode():
+        assert model(torch.rand(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    assert (tmp_path / "ck" / "last.pt").is_file()
+
+
+def test_resume_continues_from_checkpoint(pair_folder, tmp_path):
+    base = dict(data=str(pair_folder), out=str(tmp_path / "m.pt"), checkpoint_dir=str(tmp_path / "ck"), **TINY_ARCH)
+    train(TrainConfig(epochs=1, **base))
+    result = train(TrainConfig(epochs=2, resume=True, **base))
+    assert result["epochs"] == 2
+    assert [h["epoch"] for h in read_model_meta(tmp_path / "m.pt").training["history"]] == [1, 2]
+
+
+def test_time_budget_stops_training(pair_folder, tmp_path):
+    cfg = TrainConfig(data=str(pair_folder), out=str(tmp_path / "m.pt"), epochs=10_000, minutes=0.05, **TINY_ARCH)
+    result = train(cfg)
+    assert 1 <= result["epochs"] < 10_000
+    assert (tmp_path / "m.pt").is_file()
+
+
+def test_local_backend_needs_neither_ray_nor_pydicom(pair_folder, tmp_path):
+    """jobs/train.py --backend local with ray and pydicom made unimportable."""
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.modules['pydicom'] = None\n"
+        "import runpy; sys.argv = ['jobs/train.py'] + sys.argv[1:]\n"
+        "runpy.run_path('jobs/train.py', run_name='__main__')\n"
+    )
+    args = ["--backend", "local", "--data", str(pair_folder), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+            "--input-size", "32", "--base-width", "4", "--depth", "2", "--loader-workers", "0"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "m.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ray_backend_one_cpu_worker(ray_local, pair_folder, tmp_path):
+    job = _load_job("train")
+    cfg = TrainConfig(data=str(pair_folder), out=str(tmp_path / "m.pt"), epochs=1, limit=8, val_fraction=0.25,
+                      **TINY_ARCH)
+    job.run_ray(cfg, workers=1, gpu="no")
+    meta = read_model_meta(tmp_path / "m.pt")
+    assert meta.training["world_size"] == 1 and meta.training["epochs"] == 1
