@@ -213,6 +213,7 @@ def finalize(cfg: JobConfig, files: list[SourceFile], *, processed: int, started
         "shards": {kind: [p.rsplit("/", 1)[-1] for p in paths] for kind, paths in shards.items()},
     }
     write_manifest(cfg.output, manifest)
+    manifest = read_manifest(cfg.output)  # as written: plain JSON types
     if duplicated or missing:
         raise JobError(
             f"output does not hold every input exactly once: {len(missing)} missing, {len(duplicated)} duplicated "

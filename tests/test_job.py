@@ -17,6 +17,7 @@ from conftest import REPO, SAMPLES
 from corpus import make_bad_corpus, phantom_xray, write_dicom, write_phi_dicom
 from pipeline.config import JobConfig
 from pipeline.dataset import run_job
+from pipeline.discover import printable
 from pipeline.schema import ERRORS_SCHEMA, images_schema
 from pipeline.writer import OutputConfig
 
@@ -86,7 +87,7 @@ def test_bad_input_is_accounted_for_and_good_files_processed(ray_local, tmp_path
     assert not ok_paths & err_paths
     assert manifest["counts"]["images_in"] == len(images) + len(errors)
     for rel, outcome in expected.items():
-        name = rel if isinstance(rel, str) else rel.decode("utf-8", "backslashreplace")
+        name = printable(rel)
         got = "ok" if name in ok_paths else "error" if name in err_paths else "missing"
         assert got == outcome, (name, got, [e for e in errors if e["source_path"] == name])
     # By content too: every readable input file's sha256 is in exactly one of the two tables.
@@ -116,9 +117,9 @@ def test_no_identifying_dicom_value_leaves_the_machine(ray_local, tmp_path):
 
 
 def test_hashed_source_paths(ray_local, tmp_path):
-    root = tmp_path / "ACC123456"
-    root.mkdir()
-    cv2.imwrite(str(root / "ACC123456_chest.png"), (phantom_xray(128, 128) >> 8).astype(np.uint8))
+    root = tmp_path / "in"
+    (root / "ACC123456").mkdir(parents=True)
+    cv2.imwrite(str(root / "ACC123456" / "ACC123456_chest.png"), (phantom_xray(128, 128) >> 8).astype(np.uint8))
     out = tmp_path / "out"
     run_job(JobConfig(inputs=(str(root),), output=str(out), variants=("masked",),
                       source_path_mode="hashed", pseudonym_key=b"k"))
