@@ -1,0 +1,84 @@
+"""Dice of a lung model on image/mask pairs, the way the pipeline uses it.
+
+    PYTHONPATH=. .venv/bin/python scripts/eval_lung_model.py --model pipeline/weights/lung_unet.pt \
+        --val /work/shared/data/covid-qu-ex/manifest.csv \
+        --external /work/shared/data/external/jsrt /work/shared/data/external/shenzhen
+
+Per image: prepare_input -> model -> sigmoid -> refine_mask (bilinear upsample to the source size,
+threshold, close, fill holes, keep the 2 largest components) -> Dice against the mask at the source
+resolution. --val uses only the Val split of its source; --external folders are all used (they are
+for measuring generalization only, never for training or model selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pipeline.model import load_model, prepare_input
+from pipeline.refine import RefineConfig, refine_mask
+from pipeline.training import VAL, PairSet, load_pairs
+
+log = logging.getLogger("eval_lung_model")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+
+
+def evaluate_pairs(model, meta, pairs: PairSet, idx: list[int], *, batch: int = 16) -> dict:
+    refine_cfg = RefineConfig(threshold=meta.threshold)
+    scores, raw_scores = [], []
+    t0 = time.monotonic()
+    for start in range(0, len(idx), batch):
+        chunk = idx[start : start + batch]
+        x = np.stack([prepare_input(pairs.images[i], meta) for i in chunk])
+        with torch.inference_mode():
+            prob = torch.sigmoid(model(torch.from_numpy(x).float()[:, None] / 255))[:, 0].numpy()
+        for p, i in zip(prob, chunk):
+            mask = pairs.masks[i]
+            scores.append(dice(refine_mask(p, mask.shape, refine_cfg), mask))
+            raw_scores.append(dice(_upsampled(p, mask.shape) > meta.threshold, mask))
+    s = np.array(scores)
+    return {"n": len(s), "dice_mean": float(s.mean()), "dice_median": float(np.median(s)), "dice_min": float(s.min()),
+            "dice_unrefined_mean": float(np.mean(raw_scores)), "s_per_image": (time.monotonic() - t0) / max(len(s), 1),
+            "worst": sorted(zip(s.round(4).tolist(), [pairs.names[i] for i in idx]))[:3]}
+
+
+def _upsampled(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(prob, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="weights file (default: the shipped model)")
+    p.add_argument("--val", default=None, help="manifest .csv / packed .npz / folder; its Val split is scored")
+    p.add_argument("--external", nargs="*", default=[], help="images/+masks/ folders, scored in full")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, meta = load_model(args.model)
+    results = {}
+    if args.val:
+        pairs = load_pairs(args.val)
+        results["val"] = evaluate_pairs(model, meta, pairs, pairs.indices(VAL))
+    for folder in args.external:
+        pairs = load_pairs(folder, val_fraction=1.0)  # every pair counts
+        results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(model, meta, pairs, list(range(len(pairs.names))))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
