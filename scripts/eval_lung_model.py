@@ -21,7 +21,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.model import load_model, prepare_input
+import dataclasses
+
+from pipeline.model import DEFAULT_WEIGHTS, load_model, prepare_input, save_model
 from pipeline.refine import RefineConfig, refine_mask
 from pipeline.training import VAL, PairSet, load_pairs
 
@@ -50,7 +52,7 @@ def evaluate_pairs(model, meta, pairs: PairSet, idx: list[int], *, batch: int = 
     s = np.array(scores)
     return {"n": len(s), "dice_mean": float(s.mean()), "dice_median": float(np.median(s)), "dice_min": float(s.min()),
             "dice_unrefined_mean": float(np.mean(raw_scores)), "s_per_image": (time.monotonic() - t0) / max(len(s), 1),
-            "worst": sorted(zip(s.round(4).tolist(), [pairs.names[i] for i in idx]))[:3]}
+            "worst": [f"{d:.4f} {pairs.names[i]}" for d, i in sorted(zip(s.tolist(), idx))[:3]]}
 
 
 def _upsampled(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", default=None, help="manifest .csv / packed .npz / folder; its Val split is scored")
     p.add_argument("--external", nargs="*", default=[], help="images/+masks/ folders, scored in full")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--record", action="store_true", help="store the results in the model file's meta.metrics")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.model)
@@ -77,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         pairs = load_pairs(folder, val_fraction=1.0)  # every pair counts
         results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(model, meta, pairs, list(range(len(pairs.names))))
     print(json.dumps(results, indent=1))
+    if args.record:
+        summary = {f"{name}_dice_refined": round(r["dice_mean"], 4) for name, r in results.items()}
+        summary["refined_dice_measured_by"] = "scripts/eval_lung_model.py (refine_mask at source resolution)"
+        meta = dataclasses.replace(meta, metrics={**meta.metrics, **summary})
+        save_model(args.model or DEFAULT_WEIGHTS, model, meta)  # fp16 -> fp32 -> fp16 is exact
+        log.info("recorded %s in %s", summary, args.model or DEFAULT_WEIGHTS)
     return 0
 
 
