@@ -48,6 +48,7 @@ from pipeline.model import (
     DEFAULT_THRESHOLD,
     NORMALIZATION_EQUALIZE_U8,
     ModelMeta,
+    load_model,
     prepare_input,
     save_model,
 )
@@ -603,8 +604,6 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
             stop = _all_agree(progress_now() >= 1.0, rt.device)
 
     if rt.rank == 0 and Path(cfg.out).is_file():  # refresh the meta's epoch count and history in the best file
-        from pipeline.model import load_model
-
         best, _ = load_model(cfg.out)
         save_model(cfg.out, best, _final_meta(meta, cfg, pairs, train_idx, val_idx, state, rt))
     log.info("done: %d epochs, %d steps in %.0f s; best val Dice %.4f at epoch %d -> %s", state["epoch"],
