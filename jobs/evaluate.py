@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NAME=ROOT[:SPLIT]: ROOT holds images/ and masks/ (and optionally manifest.csv with a split column)")
     p.add_argument("--output", required=True, help="folder for the report")
     p.add_argument("--model", default=None, help="weights file (default: the shipped model)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or "local",
+                   help="Ray to run on: $RAY_ADDRESS when set, else a new local Ray; 'auto' joins a `ray start` cluster")
     p.add_argument("--worst", type=int, default=8, help="worst cases per set in the contact sheet")
     return p.parse_args(argv)
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(logging_level=logging.WARNING)
+    ray.init(address=args.ray_address, logging_level=logging.WARNING)
     started = time.time()
     cfg = JobConfig(inputs=tuple(s.root for s in args.sets), output=str(out), variants=(),
                     segment=SegmentConfig(weights=args.model))

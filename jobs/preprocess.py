@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-mb", type=int, default=OutputConfig.max_shard_bytes // 2**20, help="MB per Parquet shard at most")
     p.add_argument("--segment-gpus", type=float, default=None, help="GPUs per segmenter actor (default: 1 if the cluster has GPUs, else CPU)")
     p.add_argument("--segment-actors", type=int, default=None, help="largest segmenter pool (default: one per GPU)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or "local",
+                   help="Ray to run on: $RAY_ADDRESS when set (as under `ray job submit`), else a new local Ray; "
+                        "'auto' joins a cluster started with `ray start` on this machine")
     p.add_argument("--segment-batch", type=int, default=SegmentConfig.batch_size, help="images per model call")
     return p.parse_args(argv)
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(logging_level=logging.WARNING)
+    ray.init(address=args.ray_address, logging_level=logging.WARNING)
     started = time.time()
     try:
         manifest = run_job(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import logging
 import shlex
 import sys
@@ -60,11 +61,11 @@ def run_ray(cfg: TrainConfig, *, workers: int, gpu: str) -> dict:
 
     from pipeline.training import ray_worker_loop
 
-    if gpu == "auto":
-        import ray
+    import ray
 
-        if not ray.is_initialized():
-            ray.init()
+    if not ray.is_initialized():  # $RAY_ADDRESS under `ray job submit`, else a Ray of its own
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    if gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     else:
         use_gpu = gpu == "yes"

@@ -42,11 +42,14 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path):
             assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
             time.sleep(1)
         out = tmp_path / "out"
-        r = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             sys.executable, "jobs/preprocess.py", "--input", str(SAMPLES / "xrays"), "--output", str(out),
-             "--variants", "masked_crop_eq"],
-            env=env, capture_output=True, text=True, timeout=400)
+        submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                  sys.executable, "jobs/preprocess.py", "--input", str(SAMPLES / "xrays"), "--output", str(out),
+                  "--variants", "masked_crop_eq"]
+        while True:  # the job agent comes up a little after the dashboard answers
+            r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in r.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert "9 images ok, 0 errors" in r.stdout
         manifest = json.loads((out / "manifest.json").read_text())
