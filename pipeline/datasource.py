@@ -56,10 +56,9 @@ def _read_uri(uri: str, *, max_bytes: int) -> bytes:
 
 def read_file(location: str, *, max_bytes: int) -> bytes:
     """The whole file's bytes. Raises OSError (or FileReadError) when it cannot be read."""
-    if is_uri(location) and not location.startswith("file://"):
+    if is_uri(location):
         return _read_uri(location, max_bytes=max_bytes)
-    local = location[len("file://"):] if location.startswith("file://") else location
-    return _read_local(local, max_bytes=max_bytes)
+    return _read_local(location, max_bytes=max_bytes)
 
 
 def read_row(src: SourceFile, cfg: ReadConfig) -> dict:

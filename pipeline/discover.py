@@ -109,13 +109,12 @@ def discover(roots: list[str]) -> list[SourceFile]:
             raise ValueError(f"input roots must have distinct names, got {clashes} more than once")
     files: dict[str, SourceFile] = {}
     for root in roots:
-        if is_uri(root) and not root.startswith("file://"):
+        if is_uri(root):
             entries = _walk_uri(root)
         else:
-            local = root[len("file://"):] if root.startswith("file://") else root
-            if not os.path.lexists(local):
+            if not os.path.lexists(root):
                 raise FileNotFoundError(f"input {root} does not exist")
-            entries = _walk_local(local)
+            entries = _walk_local(root)
         for location, rel in entries:
             rel = printable(rel)
             if prefix_roots:

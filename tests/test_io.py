@@ -115,3 +115,28 @@ def test_shards_split_by_bytes_and_temporary_files_are_never_data(tmp_path):
     assert not output_is_empty(str(out))
     assert remove_temporary_files(str(out)) == 1
     assert list(out.joinpath("images").iterdir()) == []
+
+
+def test_uris_go_through_pyarrow_filesystems(tmp_path):
+    """file:// takes the same pyarrow code path as s3:// and gs:// (listing and reading)."""
+    root = tmp_path / "in"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"abc")
+    (root / "y.dcm").write_bytes(b"")
+    files = discover([f"file://{root}"])
+    assert [f.rel_path for f in files] == ["a/x.png", "y.dcm"]
+    assert files[0].location == f"file://{root}/a/x.png"
+    row = read_row(files[0], ReadConfig())
+    assert row["data"] == b"abc" and row["error_stage"] is None
+    gone = read_row(SourceFile("z.png", f"file://{root}/z.png", str(root)), ReadConfig())
+    assert gone["error_stage"] == "read" and "not a regular file" in gone["error_message"]
+    with pytest.raises(FileNotFoundError):
+        discover([f"file://{root}/missing"])
+
+
+def test_shards_can_be_written_to_a_uri(tmp_path):
+    out = f"file://{tmp_path}/out"
+    write_shards(result_rows(["a.png", "b.png"], failed={"b.png"}), output=out,
+                 images_schema=images_schema(["masked"]), cfg=OutputConfig())
+    assert done_source_paths(out) == {"images": ["a.png"], "errors": ["b.png"]}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["errors", "images"]
