@@ -3,6 +3,7 @@
 Data sources (`load_pairs`):
 - a packed `.npz` written by `jobs/pack_pairs.py` (train/val split stored in it);
 - a manifest CSV with columns image, mask, split (paths relative to the CSV; split Train/Val, any case);
+- Parquet (a file or a folder of *.parquet) with encoded `image` and `mask` bytes columns (`load_parquet`);
 - a folder with images/ and masks/ whose files pair by stem (any extension); a manifest.csv in the folder
   is used if present, otherwise the split is a stable hash of the *patient* key (see `patient_key`), so
   all images of one patient land on the same side and the split never changes between runs.
@@ -196,17 +197,49 @@ def load_packed(path: Path, *, limit: int | None = None) -> PairSet:
     return PairSet(images, list(masks), names, split, source=f"packed {path.name}: {source}")
 
 
+def load_parquet(path: Path, *, val_fraction: float, limit: int | None = None) -> PairSet:
+    """Pairs from Parquet (one file, or a folder of *.parquet): columns `image` and `mask` hold encoded
+    images (PNG/JPEG bytes, any size; masks nonzero = lung); optional `name` (else the row number) and
+    `split` (train/val; else the stable patient-key hash of the name)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = {"image", "mask"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: expected columns image and mask (encoded bytes), missing {sorted(missing)}")
+    n = table.num_rows if not limit else min(limit, table.num_rows)
+    table = table.slice(0, n)
+    names = [str(v) for v in table.column("name").to_pylist()] if "name" in table.column_names else [str(i) for i in range(n)]
+    images, masks = [], []
+    for name, img_bytes, mask_bytes in zip(names, table.column("image").to_pylist(), table.column("mask").to_pylist()):
+        img = cv2.imdecode(np.frombuffer(img_bytes or b"", np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+        mask = cv2.imdecode(np.frombuffer(mask_bytes or b"", np.uint8), cv2.IMREAD_GRAYSCALE)
+        if img is None or mask is None or img.shape != mask.shape:
+            raise ValueError(f"{path}: row {name!r}: image/mask missing, undecodable or of different shapes")
+        images.append(img)
+        masks.append(mask > 0)
+    if "split" in table.column_names:
+        split = [_split_name(str(v), f"{path} row {name!r}") for v, name in zip(table.column("split").to_pylist(), names)]
+        how = "split column"
+    else:
+        split = [hash_split(name, val_fraction=val_fraction) for name in names]
+        how = f"sha256 of patient key, val fraction {val_fraction}"
+    return PairSet(images, masks, names, split, source=f"parquet {path} (split: {how})")
+
+
 def load_pairs(source: str | Path, *, val_fraction: float = 0.2, limit: int | None = None) -> PairSet:
-    """Pairs from a packed .npz, a manifest .csv, or a folder with images/ + masks/ (see the module doc)."""
+    """Pairs from a packed .npz, a manifest .csv, Parquet, or a folder with images/ + masks/ (see the module doc)."""
     path = Path(source)
     if path.suffix == ".npz":
         pairs = load_packed(path, limit=limit)
     elif path.suffix == ".csv":
         pairs = _load_manifest(path, limit=limit)
+    elif path.suffix == ".parquet" or (path.is_dir() and not (path / "images").is_dir() and any(path.glob("*.parquet"))):
+        pairs = load_parquet(path, val_fraction=val_fraction, limit=limit)
     elif path.is_dir():
         pairs = _load_folder(path, val_fraction=val_fraction, limit=limit)
     else:
-        raise ValueError(f"expected a .npz, a manifest .csv or a folder with images/ and masks/, got {path}")
+        raise ValueError(f"expected a .npz, a manifest .csv, Parquet or a folder with images/ and masks/, got {path}")
     return pairs
 
 

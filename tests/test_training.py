@@ -232,3 +232,25 @@ def test_ray_backend_one_cpu_worker(ray_local, pair_folder, tmp_path):
     job.run_ray(cfg, workers=1, gpu="no")
     meta = read_model_meta(tmp_path / "m.pt")
     assert meta.training["world_size"] == 1 and meta.training["epochs"] == 1
+
+
+def test_load_pairs_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [_pair(i) for i in range(5)]
+    enc = lambda a: cv2.imencode(".png", a)[1].tobytes()  # noqa: E731
+    pq.write_table(pa.table({
+        "image": [enc(img) for img, _ in pairs],
+        "mask": [enc(m) for _, m in pairs],
+        "name": [f"p{i}" for i in range(5)],
+        "split": ["Train", "Train", "Val", "Train", "Test"],
+    }), tmp_path / "pairs.parquet")
+    ps = load_pairs(tmp_path / "pairs.parquet")
+    assert ps.names == ["p0", "p1", "p2", "p3", "p4"]
+    assert ps.indices(TRAIN) == [0, 1, 3] and ps.indices(VAL) == [2]
+    for (img, m), got_img, got_m in zip(pairs, ps.images, ps.masks):
+        assert np.array_equal(got_img, img) and np.array_equal(got_m, m > 0)
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="missing"):
+        load_pairs(tmp_path / "bad.parquet")
