@@ -4,15 +4,15 @@
 
 --backend ray (default): Ray Train TorchTrainer, one CPU worker on a laptop, --workers N GPU workers on a
 cluster, the same command. --backend local: the same loop in this process, without Ray (ray is not
-even imported). --data: packed .npz (jobs/pack_pairs.py), manifest .csv or images/+masks/ folder.
+even imported). --data: packed .npz (jobs/pack_pairs.py), manifest .csv, Parquet or images/+masks/ folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import logging
+import os
 import shlex
 import sys
 
@@ -24,7 +24,7 @@ log = logging.getLogger("train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig(data="", out="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="packed .npz, manifest .csv, or folder with images/ and masks/")
+    p.add_argument("--data", required=True, help="packed .npz, manifest .csv, Parquet (image/mask bytes columns), or folder with images/ and masks/")
     p.add_argument("--out", required=True, help="weights file to write (best val Dice)")
     p.add_argument("--backend", choices=("ray", "local"), default="ray", help="Ray Train workers, or this process")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (one per GPU on a cluster)")
