@@ -63,9 +63,6 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("message", pa.string()),
 ])
 
-QC_FLAGS = ("no_lungs", "one_lung", "small_lung_area", "large_lung_area", "polarity_corrected")
-
-
 def error_fields(stage: str | None = None, error_type: str | None = None, message: str | None = None) -> dict:
     """The error_* columns of a work row; all None for a row without error."""
     if message is not None and len(message) > 500:

@@ -18,16 +18,17 @@ import pyarrow as pa
 from pipeline.decode import DecodeConfig, decode_image
 from pipeline.model import ModelMeta, prepare_input
 from pipeline.privacy import pseudonymous_ids
+from pipeline.refine import QC_FLAGS as MASK_QC_FLAGS
 from pipeline.refine import RefineConfig, mask_stats, qc_flags, refine_mask
-from pipeline.schema import DECODED_SCHEMA, ERROR_FIELDS, QC_FLAGS, error_fields, images_schema
+from pipeline.schema import DECODED_SCHEMA, ERROR_FIELDS, error_fields, images_schema
 from pipeline.variants import VariantConfig, encode_png, make_variants
 
 log = logging.getLogger(__name__)
 
 # Decoder notes that a downstream user should see among the QC flags, not only in decode_notes.
-_DECODE_NOTES_IN_QC = frozenset(QC_FLAGS) & {"polarity_corrected"}
-# Mask QC flags that make a row fail QC (a row still has images; downstream may drop it).
-_FAILING_QC = frozenset({"no_lungs", "one_lung", "small_lung_area", "large_lung_area"})
+_DECODE_NOTES_IN_QC = frozenset({"polarity_corrected"})
+# Mask QC flags make a row fail QC (the row still has images; downstream may drop it).
+_FAILING_QC = frozenset(MASK_QC_FLAGS)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -574,7 +574,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
         train_model = torch.compile(train_model)
     total_steps = cfg.epochs * steps_per_epoch
     budget_s = cfg.minutes * 60.0 if cfg.minutes else None
-    progress0, step0 = state["progress"], state["step"]
+    progress0 = state["progress"]
     t_train = time.monotonic()
 
     def progress_now() -> float:

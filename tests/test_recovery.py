@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from conftest import REPO
 from corpus import phantom_xray
