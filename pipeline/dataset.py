@@ -33,6 +33,7 @@ from pipeline.writer import (
     list_shards,
     output_is_empty,
     read_manifest,
+    remove_duplicate_rows,
     remove_temporary_files,
     write_manifest,
     write_shards,
@@ -180,6 +181,7 @@ def run_job(cfg: JobConfig, *, segmenter: type = Segmenter) -> dict:
 
 def finalize(cfg: JobConfig, files: list[SourceFile], *, processed: int, started: float) -> dict:
     """Check that every input is in the output exactly once, then write the manifest."""
+    removed = remove_duplicate_rows(cfg.output)
     done = done_source_paths(cfg.output)
     expected = {f.rel_path for f in files}
     seen = Counter(done[IMAGES_DIR]) + Counter(done[ERRORS_DIR])
@@ -199,6 +201,7 @@ def finalize(cfg: JobConfig, files: list[SourceFile], *, processed: int, started
             "missing": len(missing),
             "duplicated": len(duplicated),
             "not_in_input": len(unexpected),
+            "duplicates_removed": removed,
         },
         "options": cfg.options(),
         "model": {"name": meta.name, "sha256": model_checksum(cfg.segment.weights), "meta": meta.to_dict()},

@@ -168,6 +168,36 @@ def done_source_paths(output: str) -> dict[str, list[str]]:
     return done
 
 
+def remove_duplicate_rows(output: str) -> int:
+    """Make every source_path occur in one finished shard only. Returns how many rows were removed.
+
+    Duplicates arise only when two runs wrote the same input into differently composed shards,
+    e.g. workers of a killed driver that finished a write after `--resume` had started. The first
+    occurrence wins: images shards before errors shards, each in name order. A shard that holds
+    any later occurrence is rewritten without those rows (atomically, under the name of what it
+    still holds), or deleted when nothing is left.
+    """
+    fs, base = output_fs(output)
+    seen: set[str] = set()
+    removed = 0
+    for kind, paths in list_shards(output).items():
+        for path in paths:
+            table = pq.read_table(path, filesystem=fs)
+            sources = table.column("source_path").to_pylist()
+            keep = [p not in seen for p in sources]
+            seen.update(sources)
+            if all(keep):
+                continue
+            removed += keep.count(False)
+            rest = table.filter(pa.array(keep))
+            if rest.num_rows:  # a new name: the hash of a strict subset differs from the old one
+                name = f"{shard_name(rest.column('source_path').to_pylist())}-000"
+                write_atomic(rest, fs, f"{base}/{kind}", name, compression=OutputConfig.compression)
+            fs.delete_file(path)
+            log.warning("removed %d duplicated rows from %s", keep.count(False), posixpath.basename(path))
+    return removed
+
+
 def output_is_empty(output: str) -> bool:
     fs, base = output_fs(output)
     info = fs.get_file_info(base)

@@ -17,6 +17,7 @@ from pipeline.writer import (
     done_source_paths,
     list_shards,
     output_is_empty,
+    remove_duplicate_rows,
     remove_temporary_files,
     shard_name,
     split_by_bytes,
@@ -140,3 +141,19 @@ def test_shards_can_be_written_to_a_uri(tmp_path):
                  images_schema=images_schema(["masked"]), cfg=OutputConfig())
     assert done_source_paths(out) == {"images": ["a.png"], "errors": ["b.png"]}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["errors", "images"]
+
+
+def test_rows_written_twice_by_two_runs_are_reconciled_to_one(tmp_path):
+    """Workers of a killed run finishing a write while the resumed run writes the same inputs."""
+    out = str(tmp_path / "out")
+    kwargs = dict(output=out, images_schema=images_schema(["masked"]), cfg=OutputConfig())
+    write_shards(result_rows(["a.png", "b.png"]), **kwargs)  # the killed run's late shard
+    write_shards(result_rows(["b.png", "c.png", "d.dcm"], failed={"d.dcm"}), **kwargs)  # the resumed run's
+    write_shards(result_rows(["a.png"]), **kwargs)  # wholly duplicated
+    before = done_source_paths(out)
+    assert sorted(before["images"]) == ["a.png", "a.png", "b.png", "b.png", "c.png"]
+    assert remove_duplicate_rows(out) == 2
+    after = done_source_paths(out)
+    assert sorted(after["images"]) == ["a.png", "b.png", "c.png"] and after["errors"] == ["d.dcm"]
+    assert remove_duplicate_rows(out) == 0
+    assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name]

@@ -40,6 +40,19 @@ def write_phantoms(root: Path, n: int) -> list[str]:
     return names
 
 
+def processes_with_marker(marker: str) -> list[int]:
+    """PIDs whose environment holds marker=1 (a process tree that inherited it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if f"{marker}=1".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
 def source_paths(out: Path) -> Counter:
     paths: Counter = Counter()
     for kind in ("images", "errors"):
@@ -89,7 +102,8 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "jobs" / "preprocess.py"), "--input", str(tmp_path / "in"),
            "--output", str(out), "--variants", "masked", "--rows-per-shard", "2", "--segment-batch", "2"]
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not the test session's
+    marker = f"XRAY_KILL_TEST_{os.getpid()}"
+    env = {**os.environ, "RAY_ADDRESS": "local", marker: "1"}  # a Ray of its own, not the test session's
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
@@ -103,6 +117,12 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    # Ray's workers outlive the driver for a moment and may still finish a shard: wait until that
+    # whole process tree is gone, so `before` is what the resumed run will find.
+    deadline = time.time() + 120
+    while processes_with_marker(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not processes_with_marker(marker), "processes of the killed run are still alive"
     before = source_paths(out)
     assert 0 < sum(before.values()) < len(names), "kill did not land mid-run"
     assert not (out / "manifest.json").exists()
