@@ -134,7 +134,6 @@ def test_prepare_input_edge_cases():
         prepare_input(np.zeros((8, 8), np.float32), meta)
 
 
-@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights not built yet")
 def test_shipped_weights_load_and_segment_phantom():
     model, meta = load_model()
     assert DEFAULT_WEIGHTS.stat().st_size < 10 * 2**20
