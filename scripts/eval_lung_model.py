@@ -30,12 +30,6 @@ from pipeline.training import VAL, PairSet, load_pairs
 log = logging.getLogger("eval_lung_model")
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
-
-
 def evaluate_pairs(model, meta, pairs: PairSet, idx: list[int], *, batch: int = 16) -> dict:
     refine_cfg = RefineConfig(threshold=meta.threshold)
     scores, raw_scores = [], []
