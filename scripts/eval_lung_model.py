@@ -13,6 +13,7 @@ for measuring generalization only, never for training or model selection).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -21,8 +22,7 @@ import time
 import numpy as np
 import torch
 
-import dataclasses
-
+from pipeline.evaluate import dice
 from pipeline.model import DEFAULT_WEIGHTS, load_model, prepare_input, save_model
 from pipeline.refine import RefineConfig, refine_mask
 from pipeline.training import VAL, PairSet, load_pairs
