@@ -38,14 +38,18 @@ IDENTITY_FIELDS = [
     pa.field("source_sha256", pa.string()),
 ]
 
-READ_SCHEMA = pa.schema([*IDENTITY_FIELDS, pa.field("data", pa.binary()), *ERROR_FIELDS])
-
-DECODED_SCHEMA = pa.schema([
-    *IDENTITY_FIELDS,
+SOURCE_FIELDS = [  # what decoding found out about the source image
     pa.field("format", pa.string()),
     pa.field("source_height", pa.int32()),
     pa.field("source_width", pa.int32()),
     pa.field("source_bits_stored", pa.int32()),
+]
+
+READ_SCHEMA = pa.schema([*IDENTITY_FIELDS, pa.field("data", pa.binary()), *ERROR_FIELDS])
+
+DECODED_SCHEMA = pa.schema([
+    *IDENTITY_FIELDS,
+    *SOURCE_FIELDS,
     pa.field("decode_notes", pa.list_(pa.string())),
     *DICOM_FIELDS,
     *PSEUDONYM_FIELDS,
@@ -62,6 +66,7 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("error_type", pa.string()),
     pa.field("message", pa.string()),
 ])
+
 
 def error_fields(stage: str | None = None, error_type: str | None = None, message: str | None = None) -> dict:
     """The error_* columns of a work row; all None for a row without error."""
@@ -82,10 +87,7 @@ def images_schema(variants: list[str]) -> pa.Schema:
     """The schema of OUTPUT/images/*.parquet for the chosen variants (one PNG column each)."""
     fields = [
         *IDENTITY_FIELDS,
-        pa.field("format", pa.string()),
-        pa.field("source_height", pa.int32()),
-        pa.field("source_width", pa.int32()),
-        pa.field("source_bits_stored", pa.int32()),
+        *SOURCE_FIELDS,
         pa.field("mask_png", pa.binary()),
         pa.field("lung_bbox_x0", pa.int32()),
         pa.field("lung_bbox_y0", pa.int32()),

@@ -239,18 +239,17 @@ def test_bad_corpus_has_enough_kinds(bad_corpus):
 
 def _corpus_items():
     # Names are fixed by make_bad_corpus; build once in a throwaway dir to parametrize over them.
+    # Symlink loops and dangling links fail at reading, before decode: tests/test_job.py covers them.
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        return sorted(make_bad_corpus(Path(d)).items())
+        return sorted((n, o) for n, o in make_bad_corpus(Path(d)).items() if (Path(d) / n).is_file())
 
 
 @pytest.mark.parametrize(("name", "outcome"), _corpus_items(), ids=lambda v: ascii(v) if isinstance(v, str) else v)
 def test_bad_corpus_item(bad_corpus, name, outcome):
     root, _ = bad_corpus
     path = root / name
-    if not path.is_file():
-        pytest.skip("symlink loop / dangling link: a read-level failure, tested at the job level")
     if outcome == "ok":
         d = decode_image(path.read_bytes(), source=name)
         assert d.pixels.dtype == np.uint16 and d.pixels.ndim == 2 and d.pixels.max() > d.pixels.min()
