@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import load_model, read_model_meta
+from pipeline.model import load_model, model_checksum, read_model_meta
 from pipeline.training import (
     TRAIN,
     VAL,
@@ -25,8 +26,10 @@ from pipeline.training import (
     dice_scores,
     hash_split,
     load_pairs,
+    lr_factor,
     patient_key,
     random_affines,
+    recompute_batchnorm,
     train,
 )
 
@@ -206,6 +209,64 @@ def test_time_budget_stops_training(pair_folder, tmp_path):
     result = train(cfg)
     assert 1 <= result["epochs"] < 10_000
     assert (tmp_path / "m.pt").is_file()
+
+
+def test_lr_schedule_cosine_or_constant():
+    assert lr_factor(0.0, warmup=0.1) == 0.01 and lr_factor(0.05, warmup=0.1) == pytest.approx(0.5)
+    assert lr_factor(0.1, warmup=0.1) == pytest.approx(1.0) and lr_factor(1.0, warmup=0.1) == pytest.approx(0.01)
+    assert lr_factor(0.55, warmup=0.1) == pytest.approx(0.505)
+    assert lr_factor(0.05, warmup=0.1, constant=True) == pytest.approx(0.5)
+    assert lr_factor(0.55, warmup=0.1, constant=True) == lr_factor(1.0, warmup=0.1, constant=True) == 1.0
+
+
+def test_recompute_batchnorm_gives_the_plain_mean_and_variance():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1, momentum=0.1))
+    torch.nn.init.constant_(model[0].weight, 2.0)  # the BatchNorm sees 2 * x / 255
+    model.eval()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    seen = 2.0 * x.double() / 255
+    recompute_batchnorm(model, x, batch_size=6)  # one batch: exactly its mean and unbiased variance
+    bn = model[1]
+    assert bn.running_mean.item() == pytest.approx(seen.mean().item(), rel=1e-5)
+    assert bn.running_var.item() == pytest.approx(seen.var().item(), rel=1e-5)
+    assert bn.momentum == 0.1 and not model.training  # restored
+    recompute_batchnorm(model, x, batch_size=2)  # equal batches: the mean of the batch means is the mean
+    assert bn.running_mean.item() == pytest.approx(seen.mean().item(), rel=1e-5)
+
+
+def test_fine_tuning_starts_from_the_given_weights(pair_folder, tmp_path):
+    base = tmp_path / "base.pt"
+    train(TrainConfig(data=str(pair_folder), out=str(base), epochs=1, **TINY_ARCH))
+    start, _ = load_model(base)
+    tuned_path = tmp_path / "tuned.pt"
+    # base_width 8 in the config: the file's arch (4) wins; lr ~0 leaves the weights where they started
+    cfg = TrainConfig(data=str(pair_folder), out=str(tuned_path), epochs=1, lr=1e-12, init_weights=str(base),
+                      **{**TINY_ARCH, "base_width": 8})
+    train(cfg)
+    tuned, meta = load_model(tuned_path)
+    assert meta.arch["base_width"] == 4
+    assert meta.training["fine_tuned_from"]["sha256"] == model_checksum(base)
+    weights = lambda m: {k: v for k, v in m.state_dict().items() if "running" not in k and "num_batches" not in k}  # noqa: E731
+    for name, value in weights(start).items():
+        torch.testing.assert_close(weights(tuned)[name], value, rtol=1e-3, atol=1e-4)
+    fresh_path = tmp_path / "fresh.pt"
+    train(dataclasses.replace(cfg, out=str(fresh_path), init_weights=None, base_width=4))
+    fresh, _ = load_model(fresh_path)
+    assert not torch.allclose(weights(fresh)["head.weight"], weights(start)["head.weight"])  # so the above can fail
+
+
+def test_weight_averaging_keeps_the_average_across_resume(pair_folder, tmp_path):
+    base = dict(data=str(pair_folder), out=str(tmp_path / "m.pt"), checkpoint_dir=str(tmp_path / "ck"),
+                average=True, bn_images=4, **TINY_ARCH)
+    train(TrainConfig(epochs=2, **base))
+    ckpt = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert int(ckpt["averaged"]["n_averaged"]) == 2
+    train(TrainConfig(epochs=3, resume=True, **base))
+    ckpt = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert int(ckpt["averaged"]["n_averaged"]) == 3
+    meta = read_model_meta(tmp_path / "m.pt")
+    assert meta.training["schedule"] == "constant, weight averaging"
+    assert {h["lr"] for h in meta.training["history"][1:]} == {TrainConfig(data="", out="").lr}
 
 
 def test_local_backend_needs_neither_ray_nor_pydicom(pair_folder, tmp_path):
