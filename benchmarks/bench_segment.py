@@ -5,6 +5,8 @@
 Prints milliseconds per image for: prepare_input (CPU), the model (on the device chosen:
 CUDA when present), refine_mask + variants at 1024x1024, and their ratios, all measured in
 this one run. The model is timed on real arrays (the bundled samples), after a warm-up.
+On a CPU it also times the model in bf16 (`Segmenter(cpu_bf16=True)`, `--segment-cpu-bf16`)
+and prints the speed ratio and the Dice between the fp32 and bf16 masks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.decode import decode_image
+from pipeline.evaluate import dice
 from pipeline.model import prepare_input
 from pipeline.refine import refine_mask
 from pipeline.segment import Segmenter
@@ -67,6 +70,14 @@ def main() -> None:
         encode_png(mask)
 
     post_ms = per_image_ms(post, 1, args.repeats)
+    bf16 = None
+    if seg.device.type == "cpu":
+        seg16 = Segmenter(args.model, device="cpu", cpu_threads=args.threads, cpu_bf16=True)
+        seg16.predict(inputs)  # warm-up
+        bf16_ms = per_image_ms(lambda: seg16.predict(inputs), len(batch), args.repeats)
+        threshold = seg.meta.threshold
+        agree = [dice(a >= threshold, b >= threshold) for a, b in zip(seg.predict(inputs), seg16.predict(inputs))]
+        bf16 = (bf16_ms, min(agree))
     params = sum(p.numel() for p in seg.model.parameters())
     print(f"model {seg.meta.name}: {params / 1e6:.2f}M parameters, input {seg.size}x{seg.size}, device {seg.device}, "
           f"{args.threads} CPU threads, batch {args.batch}")
@@ -74,6 +85,9 @@ def main() -> None:
     print(f"model forward          {model_ms:8.2f} ms/image  ({1000.0 / model_ms:.1f} images/s)")
     print(f"refine + 4 variants    {post_ms:8.2f} ms/image at {SOURCE_SIDE}x{SOURCE_SIDE}")
     print(f"ratio model / (prepare + post) = {model_ms / (prep_ms + post_ms):.2f}")
+    if bf16:
+        print(f"model forward, bf16    {bf16[0]:8.2f} ms/image  ({1000.0 / bf16[0]:.1f} images/s); "
+              f"fp32 / bf16 time = {model_ms / bf16[0]:.2f}; Dice fp32 vs bf16 masks, worst image: {bf16[1]:.4f}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ray to run on: $RAY_ADDRESS when set (as under `ray job submit`), else a new local Ray; "
                         "'auto' joins a cluster started with `ray start` on this machine")
     p.add_argument("--segment-batch", type=int, default=SegmentConfig.batch_size, help="images per model call")
+    p.add_argument("--segment-cpu-bf16", action="store_true",
+                   help="CPU segmenter actors run the model in bf16: ~2-3x faster on AVX512-BF16/AMX CPUs (masks differ slightly)")
     return p.parse_args(argv)
 
 
@@ -74,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         resume=args.resume,
         decode=DecodeConfig(max_pixels=args.max_pixels),
         segment=SegmentConfig(weights=args.model, gpus_per_actor=args.segment_gpus,
-                              max_actors=args.segment_actors, batch_size=args.segment_batch),
+                              max_actors=args.segment_actors, batch_size=args.segment_batch,
+                              cpu_bf16=args.segment_cpu_bf16),
         variant=VariantConfig(size=args.size, resize_mode=args.resize_mode, bit_depth=args.bit_depth,
                               crop_margin_frac=args.crop_margin, pad_square=args.pad_square),
         out=OutputConfig(rows_per_shard=args.rows_per_shard, max_shard_bytes=args.max_shard_mb * 2**20),

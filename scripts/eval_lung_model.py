@@ -30,15 +30,17 @@ from pipeline.training import VAL, PairSet, load_pairs
 log = logging.getLogger("eval_lung_model")
 
 
-def evaluate_pairs(model, meta, pairs: PairSet, idx: list[int], *, batch: int = 16) -> dict:
+def evaluate_pairs(model, meta, pairs: PairSet, idx: list[int], *, batch: int = 16, bf16: bool = False) -> dict:
     refine_cfg = RefineConfig(threshold=meta.threshold)
     scores, raw_scores = [], []
     t0 = time.monotonic()
     for start in range(0, len(idx), batch):
         chunk = idx[start : start + batch]
-        x = np.stack([prepare_input(pairs.images[i], meta) for i in chunk])
-        with torch.inference_mode():
-            prob = torch.sigmoid(model(torch.from_numpy(x).float()[:, None] / 255))[:, 0].numpy()
+        x = torch.from_numpy(np.stack([prepare_input(pairs.images[i], meta) for i in chunk])).float()[:, None] / 255
+        if bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            prob = torch.sigmoid(model(x).float())[:, 0].numpy()
         for p, i in zip(prob, chunk):
             mask = pairs.masks[i]
             scores.append(dice(refine_mask(p, mask.shape, refine_cfg), mask))
@@ -62,17 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", default=None, help="manifest .csv / packed .npz / folder; its Val split is scored")
     p.add_argument("--external", nargs="*", default=[], help="images/+masks/ folders, scored in full")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--cpu-bf16", action="store_true", help="run the model in bf16 (as Segmenter(cpu_bf16=True))")
     p.add_argument("--record", action="store_true", help="store the results in the model file's meta.metrics")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.model)
+    if args.cpu_bf16:
+        model = model.to(memory_format=torch.channels_last)
     results = {}
     if args.val:
         pairs = load_pairs(args.val)
-        results["val"] = evaluate_pairs(model, meta, pairs, pairs.indices(VAL))
+        results["val"] = evaluate_pairs(model, meta, pairs, pairs.indices(VAL), bf16=args.cpu_bf16)
     for folder in args.external:
         pairs = load_pairs(folder, val_fraction=1.0)  # every pair counts
-        results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(model, meta, pairs, list(range(len(pairs.names))))
+        results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(model, meta, pairs, list(range(len(pairs.names))),
+                                                                           bf16=args.cpu_bf16)
     print(json.dumps(results, indent=1))
     if args.record:
         summary = {f"{name}_dice_refined": round(r["dice_mean"], 4) for name, r in results.items()}

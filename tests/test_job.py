@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -164,3 +165,13 @@ def test_dicom_pixels_reach_the_output_in_the_right_polarity(ray_local, tmp_path
     full = {r["source_path"]: cv2.imdecode(np.frombuffer(r["full_png"], np.uint8), cv2.IMREAD_UNCHANGED) for r in images}
     diff = np.abs(full["mono1.dcm"].astype(int) - full["mono2.dcm"].astype(int))
     assert diff.max() <= 1
+
+
+def test_cli_options_reach_the_segmenter_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("job_preprocess", REPO / "jobs" / "preprocess.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    base = ["--input", str(SAMPLES / "xrays"), "--output", str(tmp_path / "out")]
+    assert job.config_from_args(job.parse_args(base)).segment.cpu_bf16 is False
+    cfg = job.config_from_args(job.parse_args([*base, "--segment-cpu-bf16", "--segment-batch", "8"]))
+    assert cfg.segment.cpu_bf16 is True and cfg.segment.batch_size == 8

@@ -19,11 +19,17 @@ from pipeline.segment import Segmenter
 # badly retrained model cannot land.
 MEAN_DICE_FLOOR = 0.94
 IMAGE_DICE_FLOOR = 0.90
+BF16_AGREEMENT_FLOOR = 0.995  # Dice between the fp32 and the bf16 mask of the same image
 
 
 @pytest.fixture(scope="module")
 def segmenter():
     return Segmenter(device="cpu", cpu_threads=2)
+
+
+@pytest.fixture(scope="module")
+def segmenter_bf16():
+    return Segmenter(device="cpu", cpu_threads=2, cpu_bf16=True)
 
 
 def labelled_samples():
@@ -60,13 +66,27 @@ def test_segmenter_adds_probabilities_and_passes_error_rows_through(segmenter):
         assert a.min() >= 0 and a.max() <= 1
 
 
-def test_shipped_model_finds_the_lungs_on_the_real_samples(segmenter):
-    scores = {}
+def _sample_masks(segmenter: Segmenter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (refined predicted mask, ground-truth mask) for the labelled samples."""
+    out = {}
     for image_path, mask_path in labelled_samples():
         pixels = decode_image(image_path.read_bytes(), source=image_path.name).pixels
         prob = segmenter.predict(prepare_input(pixels, segmenter.meta)[None])[0]
-        mask = refine_mask(prob, pixels.shape)
-        scores[image_path.name] = dice(mask, read_mask(str(mask_path)))
+        out[image_path.name] = refine_mask(prob, pixels.shape), read_mask(str(mask_path))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shipped_model_finds_the_lungs_on_the_real_samples(precision, request):
+    seg = request.getfixturevalue("segmenter" if precision == "fp32" else "segmenter_bf16")
+    scores = {name: dice(pred, truth) for name, (pred, truth) in _sample_masks(seg).items()}
     assert len(scores) == 6
     assert min(scores.values()) >= IMAGE_DICE_FLOOR, scores
     assert np.mean(list(scores.values())) >= MEAN_DICE_FLOOR, scores
+
+
+def test_bf16_on_cpu_gives_nearly_the_same_masks(segmenter, segmenter_bf16):
+    assert segmenter_bf16.autocast and not segmenter.autocast
+    fp32, bf16 = _sample_masks(segmenter), _sample_masks(segmenter_bf16)
+    agreement = {name: dice(fp32[name][0], bf16[name][0]) for name in fp32}
+    assert min(agreement.values()) >= BF16_AGREEMENT_FLOOR, agreement
