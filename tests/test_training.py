@@ -22,6 +22,7 @@ from pipeline.training import (
     TrainConfig,
     augment_geometry,
     augment_intensity,
+    cycle_factor,
     dice_bce_loss,
     dice_scores,
     hash_split,
@@ -211,12 +212,12 @@ def test_time_budget_stops_training(pair_folder, tmp_path):
     assert (tmp_path / "m.pt").is_file()
 
 
-def test_lr_schedule_cosine_or_constant():
+def test_lr_schedules():
     assert lr_factor(0.0, warmup=0.1) == 0.01 and lr_factor(0.05, warmup=0.1) == pytest.approx(0.5)
     assert lr_factor(0.1, warmup=0.1) == pytest.approx(1.0) and lr_factor(1.0, warmup=0.1) == pytest.approx(0.01)
     assert lr_factor(0.55, warmup=0.1) == pytest.approx(0.505)
-    assert lr_factor(0.05, warmup=0.1, constant=True) == pytest.approx(0.5)
-    assert lr_factor(0.55, warmup=0.1, constant=True) == lr_factor(1.0, warmup=0.1, constant=True) == 1.0
+    assert cycle_factor(0.0) == pytest.approx(1.0) and cycle_factor(0.5) == pytest.approx(0.505)
+    assert cycle_factor(1.0) == pytest.approx(0.01)
 
 
 def test_recompute_batchnorm_gives_the_plain_mean_and_variance():
@@ -265,8 +266,8 @@ def test_weight_averaging_keeps_the_average_across_resume(pair_folder, tmp_path)
     ckpt = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert int(ckpt["averaged"]["n_averaged"]) == 3
     meta = read_model_meta(tmp_path / "m.pt")
-    assert meta.training["schedule"] == "constant, weight averaging"
-    assert {h["lr"] for h in meta.training["history"][1:]} == {TrainConfig(data="", out="").lr}
+    assert meta.training["schedule"] == "one cosine cycle per epoch, weight averaging"
+    assert {h["lr"] for h in meta.training["history"]} == {round(TrainConfig(data="", out="").lr * 0.01, 5)}  # cycle ends
 
 
 def test_local_backend_needs_neither_ray_nor_pydicom(pair_folder, tmp_path):
