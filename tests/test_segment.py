@@ -12,7 +12,7 @@ from pipeline.evaluate import dice, read_mask
 from pipeline.model import DEFAULT_WEIGHTS, prepare_input, read_model_meta
 from pipeline.refine import refine_mask
 from pipeline.schema import DECODED_SCHEMA, SEGMENTED_SCHEMA
-from pipeline.segment import Segmenter
+from pipeline.segment import Segmenter, cpu_has_native_bf16
 
 # Floors for the shipped model on the bundled samples (source resolution, after refinement).
 # Measured values are in docs/MODEL_CARD.md; the floors sit a little below them, so a broken or
@@ -24,7 +24,7 @@ BF16_AGREEMENT_FLOOR = 0.995  # Dice between the fp32 and the bf16 mask of the s
 
 @pytest.fixture(scope="module")
 def segmenter():
-    return Segmenter(device="cpu", cpu_threads=2)
+    return Segmenter(device="cpu", cpu_threads=2, cpu_bf16=False)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,13 @@ def test_bf16_on_cpu_gives_nearly_the_same_masks(segmenter, segmenter_bf16):
     fp32, bf16 = _sample_masks(segmenter), _sample_masks(segmenter_bf16)
     agreement = {name: dice(fp32[name][0], bf16[name][0]) for name in fp32}
     assert min(agreement.values()) >= BF16_AGREEMENT_FLOOR, agreement
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    epyc = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n"
+    sapphire_rapids = "flags\t: avx512f amx_bf16 amx_tile\n"
+    ice_lake = "flags\t: avx2 avx512f avx512bw avx512_vnni\n"
+    assert cpu_has_native_bf16(epyc) and cpu_has_native_bf16(sapphire_rapids)
+    assert not cpu_has_native_bf16(ice_lake)
+    assert not cpu_has_native_bf16("Features\t: fp asimd bf16\n")  # no x86 flags line: fp32
+    assert not cpu_has_native_bf16("")
