@@ -24,7 +24,7 @@ Fine-tuning and weight averaging: `init_weights` starts from a saved model (its 
 input size win over the config's). `average` is stochastic weight averaging with a cyclical LR
 (Izmailov et al. 2018), meant for fine-tuning a trained model: every epoch is one cosine cycle from
 the peak LR down to 1 % of it, the weights at the end of each cycle are averaged, BatchNorm
-statistics of the average are recomputed on training images, and it is the average that is
+statistics of the average are recomputed on augmented training images, and it is the average that is
 evaluated and saved.
 
 The loop (`train`) is plain PyTorch and does not import Ray; `ray_worker_loop` adapts it to Ray Train
