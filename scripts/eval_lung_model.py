@@ -8,6 +8,12 @@ Per image: prepare_input -> model -> sigmoid -> refine_mask (bilinear upsample t
 threshold, close, fill holes, keep the 2 largest components) -> Dice against the mask at the source
 resolution. --val uses only the Val split of its source; --external folders are all used (they are
 for measuring generalization only, never for training or model selection).
+
+Upper bounds (not what the pipeline ships): several --model files and/or several --scales average the
+lung probabilities of every model at every input side (the prepared 256 px input resized bilinearly,
+the logits resized back) before the same refinement, e.g. two models x three sides = 6 forward passes:
+
+    ... scripts/eval_lung_model.py --cpu-bf16 --model a.pt b.pt --scales 224 256 288 --val ...
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.evaluate import dice
 from pipeline.model import DEFAULT_WEIGHTS, load_model, prepare_input, save_model
@@ -30,17 +37,33 @@ from pipeline.training import VAL, PairSet, load_pairs
 log = logging.getLogger("eval_lung_model")
 
 
-def evaluate_pairs(model, meta, pairs: PairSet, idx: list[int], *, batch: int = 16, bf16: bool = False) -> dict:
+def predict(models, x: torch.Tensor, *, scales: list[int], bf16: bool) -> np.ndarray:
+    """float (N, 1, S, S) prepared inputs -> float32 (N, S, S) probability, averaged over models x scales."""
+    side = x.shape[-1]
+    total = torch.zeros(x.shape[0], side, side)
+    for scale in scales:
+        xs = x if scale == side else F.interpolate(x, size=(scale, scale), mode="bilinear", align_corners=False)
+        if bf16:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        for model in models:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xs).float()
+            if scale != side:
+                logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
+            total += torch.sigmoid(logits)[:, 0]
+    return (total / (len(scales) * len(models))).numpy()
+
+
+def evaluate_pairs(models, meta, pairs: PairSet, idx: list[int], *, batch: int = 16, bf16: bool = False,
+                   scales: list[int] | None = None) -> dict:
     refine_cfg = RefineConfig(threshold=meta.threshold)
+    scales = scales or [meta.input_size]
     scores, raw_scores = [], []
     t0 = time.monotonic()
     for start in range(0, len(idx), batch):
         chunk = idx[start : start + batch]
         x = torch.from_numpy(np.stack([prepare_input(pairs.images[i], meta) for i in chunk])).float()[:, None] / 255
-        if bf16:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            prob = torch.sigmoid(model(x).float())[:, 0].numpy()
+        prob = predict(models, x, scales=scales, bf16=bf16)
         for p, i in zip(prob, chunk):
             mask = pairs.masks[i]
             scores.append(dice(refine_mask(p, mask.shape, refine_cfg), mask))
@@ -60,7 +83,10 @@ def _upsampled(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="weights file (default: the shipped model)")
+    p.add_argument("--model", nargs="+", default=[None], help="weights file(s) (default: the shipped model); "
+                   "several: probabilities averaged (an ensemble upper bound)")
+    p.add_argument("--scales", nargs="+", type=int, default=None,
+                   help="input sides to run each model at, probabilities averaged (default: the model's own)")
     p.add_argument("--val", default=None, help="manifest .csv / packed .npz / folder; its Val split is scored")
     p.add_argument("--external", nargs="*", default=[], help="images/+masks/ folders, scored in full")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -68,24 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", action="store_true", help="store the results in the model file's meta.metrics")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, meta = load_model(args.model)
-    if args.cpu_bf16:
-        model = model.to(memory_format=torch.channels_last)
+    loaded = [load_model(path) for path in args.model]
+    models = [m.to(memory_format=torch.channels_last) if args.cpu_bf16 else m for m, _ in loaded]
+    meta = loaded[0][1]
+    for path, (_, other) in zip(args.model[1:], loaded[1:]):
+        if (other.input_size, other.normalization, other.threshold) != (meta.input_size, meta.normalization, meta.threshold):
+            p.error(f"{path}: input size, normalization and threshold must match the first model's to average them")
+    if args.record and (len(models) > 1 or args.scales):
+        p.error("--record stores one model's own numbers: not with several models or --scales")
+    run = {"bf16": args.cpu_bf16, "scales": args.scales}
     results = {}
     if args.val:
         pairs = load_pairs(args.val)
-        results["val"] = evaluate_pairs(model, meta, pairs, pairs.indices(VAL), bf16=args.cpu_bf16)
+        results["val"] = evaluate_pairs(models, meta, pairs, pairs.indices(VAL), **run)
     for folder in args.external:
         pairs = load_pairs(folder, val_fraction=1.0)  # every pair counts
-        results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(model, meta, pairs, list(range(len(pairs.names))),
-                                                                           bf16=args.cpu_bf16)
+        results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(models, meta, pairs,
+                                                                           list(range(len(pairs.names))), **run)
     print(json.dumps(results, indent=1))
     if args.record:
         summary = {f"{name}_dice_refined": round(r["dice_mean"], 4) for name, r in results.items()}
         summary["refined_dice_measured_by"] = "scripts/eval_lung_model.py (refine_mask at source resolution)"
         meta = dataclasses.replace(meta, metrics={**meta.metrics, **summary})
-        save_model(args.model or DEFAULT_WEIGHTS, model, meta)  # fp16 -> fp32 -> fp16 is exact
-        log.info("recorded %s in %s", summary, args.model or DEFAULT_WEIGHTS)
+        save_model(args.model[0] or DEFAULT_WEIGHTS, models[0], meta)  # fp16 -> fp32 -> fp16 is exact
+        log.info("recorded %s in %s", summary, args.model[0] or DEFAULT_WEIGHTS)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,30 @@ def test_shipped_weights_load_and_segment_phantom():
         prob = torch.sigmoid(model(x))
     assert prob.shape == (1, 1, meta.input_size, meta.input_size)
     assert 0.0 <= float(prob.min()) and float(prob.max()) <= 1.0
+
+
+def _eval_script():
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "eval_lung_model.py"
+    spec = importlib.util.spec_from_file_location("eval_lung_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_script_averages_models_and_scales():
+    """scripts/eval_lung_model.py --model A B --scales ...: the mean of every model's probability at every side."""
+    predict = _eval_script().predict
+    torch.manual_seed(0)
+    a, b = (build_unet(UNetConfig(base_width=4, depth=2)).eval() for _ in range(2))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        p_a, pb = torch.sigmoid(a(x))[:, 0].numpy(), torch.sigmoid(b(x))[:, 0].numpy()
+        a48 = torch.sigmoid(torch.nn.functional.interpolate(
+            a(torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)),
+            size=(32, 32), mode="bilinear", align_corners=False))[:, 0].numpy()
+    np.testing.assert_allclose(predict([a], x, scales=[32], bf16=False), p_a, atol=1e-6)
+    np.testing.assert_allclose(predict([a, b], x, scales=[32], bf16=False), (p_a + pb) / 2, atol=1e-6)
+    np.testing.assert_allclose(predict([a], x, scales=[32, 48], bf16=False), (p_a + a48) / 2, atol=1e-6)
+    assert not np.allclose(p_a, pb, atol=1e-3)  # the two models differ, so the average is informative
