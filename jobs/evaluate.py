@@ -27,7 +27,16 @@ from pipeline.config import JobConfig, SegmentConfig
 from pipeline.dataset import build_dataset
 from pipeline.decode import decode_image
 from pipeline.discover import SourceFile
-from pipeline.evaluate import LabelledSet, contact_sheet, image_mask_pairs, overlay, read_mask, relative_name, score, summarize
+from pipeline.evaluate import (
+    LabelledSet,
+    contact_sheet,
+    image_mask_pairs,
+    overlay,
+    read_mask,
+    relative_name,
+    score,
+    summarize,
+)
 from pipeline.model import model_checksum, read_model_meta
 from pipeline.variants import decode_png
 

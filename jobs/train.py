@@ -60,12 +60,11 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
 
 
 def run_ray(cfg: TrainConfig, *, workers: int, gpu: str) -> dict:
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.training import ray_worker_loop
-
-    import ray
 
     if not ray.is_initialized():  # $RAY_ADDRESS under `ray job submit`, else a Ray of its own
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")

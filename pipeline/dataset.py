@@ -23,8 +23,8 @@ from pipeline.datasource import XrayFileDatasource
 from pipeline.discover import SourceFile, discover
 from pipeline.model import model_checksum, read_model_meta
 from pipeline.privacy import hashed_path
-from pipeline.segment import Segmenter
 from pipeline.schema import images_schema
+from pipeline.segment import Segmenter
 from pipeline.stages import PostprocessConfig, decode_batch, postprocess_batch
 from pipeline.writer import (
     ERRORS_DIR,

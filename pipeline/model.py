@@ -53,7 +53,7 @@ class ModelMeta:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelMeta":
+    def from_dict(cls, d: dict) -> ModelMeta:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = {"name", "input_size", "normalization", "threshold"} - set(d)
         if missing:

@@ -495,9 +495,13 @@ def local_runtime() -> Runtime:
     return Runtime(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str | None:
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

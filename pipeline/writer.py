@@ -131,14 +131,14 @@ def list_shards(output: str) -> dict[str, list[str]]:
     """Finished shard paths under OUTPUT, by kind ("images", "errors"); temporary files excluded."""
     fs, base = output_fs(output)
     found: dict[str, list[str]] = {IMAGES_DIR: [], ERRORS_DIR: []}
-    for kind in found:
+    for kind, paths in found.items():
         info = fs.get_file_info(f"{base}/{kind}")
         if info.type != pafs.FileType.Directory:
             continue
         for entry in fs.get_file_info(pafs.FileSelector(f"{base}/{kind}")):
             if entry.base_name.startswith(SHARD_PREFIX) and entry.base_name.endswith(".parquet"):
-                found[kind].append(entry.path)
-        found[kind].sort()
+                paths.append(entry.path)
+        paths.sort()
     return found
 
 

@@ -19,11 +19,11 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.processing import convert_color_space
 from pydicom.uid import (
+    MPEG2MPML,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    MPEG2MPML,
     SecondaryCaptureImageStorage,
     generate_uid,
 )

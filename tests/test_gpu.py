@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
+
 from pipeline.decode import decode_image
 from pipeline.evaluate import iou
 from pipeline.model import prepare_input

@@ -92,7 +92,7 @@ def result_rows(names: list[str], *, failed: set[str] = frozenset()) -> pa.Table
 def test_write_shards_splits_good_and_bad_rows_and_is_idempotent(tmp_path):
     out = str(tmp_path / "out")
     table = result_rows(["b.png", "a.png", "c.dcm"], failed={"c.dcm"})
-    kwargs = dict(output=out, images_schema=images_schema(["masked"]), cfg=OutputConfig())
+    kwargs = {"output": out, "images_schema": images_schema(["masked"]), "cfg": OutputConfig()}
     summary = write_shards(table, **kwargs).to_pylist()
     assert [(s["kind"], s["rows"]) for s in summary] == [("images", 2), ("errors", 1)]
     assert summary[0]["file"] == shard_name(["a.png", "b.png", "c.dcm"]) + "-000.parquet"
@@ -146,7 +146,7 @@ def test_shards_can_be_written_to_a_uri(tmp_path):
 def test_rows_written_twice_by_two_runs_are_reconciled_to_one(tmp_path):
     """Workers of a killed run finishing a write while the resumed run writes the same inputs."""
     out = str(tmp_path / "out")
-    kwargs = dict(output=out, images_schema=images_schema(["masked"]), cfg=OutputConfig())
+    kwargs = {"output": out, "images_schema": images_schema(["masked"]), "cfg": OutputConfig()}
     write_shards(result_rows(["a.png", "b.png"]), **kwargs)  # the killed run's late shard
     write_shards(result_rows(["b.png", "c.png", "d.dcm"], failed={"d.dcm"}), **kwargs)  # the resumed run's
     write_shards(result_rows(["a.png"]), **kwargs)  # wholly duplicated

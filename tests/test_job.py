@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, SAMPLES
 from corpus import make_bad_corpus, phantom_xray, write_dicom, write_phi_dicom
+
 from pipeline.config import JobConfig
 from pipeline.dataset import run_job
 from pipeline.discover import printable
@@ -130,7 +130,7 @@ def test_hashed_source_paths(ray_local, tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "jobs" / "preprocess.py"), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.mark.parametrize("case", ["missing input", "output not empty", "unknown variant"])

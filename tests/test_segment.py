@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from conftest import SAMPLES
+
 from pipeline.decode import decode_image
 from pipeline.evaluate import dice, read_mask
 from pipeline.model import DEFAULT_WEIGHTS, prepare_input, read_model_meta
