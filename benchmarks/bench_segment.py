@@ -21,10 +21,11 @@ import torch
 
 from pipeline.decode import decode_image
 from pipeline.evaluate import dice
-from pipeline.model import prepare_input
-from pipeline.refine import refine_mask
+from pipeline.model_input import prepare_input
+from pipeline.png import encode_png
+from pipeline.refine import refine
 from pipeline.segment import Segmenter
-from pipeline.variants import DEFAULT_VARIANTS, VariantConfig, encode_png, make_variants
+from pipeline.variants import DEFAULT_VARIANTS, VariantConfig, make_variants
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "xrays"
 SOURCE_SIDE = 1024  # px: the source resolution at which refinement and variants are timed
@@ -65,10 +66,10 @@ def main() -> None:
     pixels = cv2.resize(images[0], (SOURCE_SIDE, SOURCE_SIDE), interpolation=cv2.INTER_AREA)
 
     def post():
-        mask = refine_mask(prob, pixels.shape)
+        mask, _ = refine(prob, pixels.shape)
         for img in make_variants(pixels, mask, list(DEFAULT_VARIANTS), VariantConfig()).values():
             encode_png(img)
-        encode_png(mask)
+        encode_png(mask, mask=True)
 
     post_ms = per_image_ms(post, 1, args.repeats)
     bf16 = None

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
-from pipeline.variants import decode_png
+from pipeline.png import decode_png
 
 TILE_PX = 220  # side of one tile
 

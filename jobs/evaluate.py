@@ -37,8 +37,8 @@ from pipeline.evaluate import (
     score,
     summarize,
 )
-from pipeline.model import model_checksum, read_model_meta
-from pipeline.variants import decode_png
+from pipeline.model import read_weights
+from pipeline.png import decode_png
 
 log = logging.getLogger("evaluate")
 
@@ -104,22 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.sets:
         for image, mask in image_mask_pairs(s):
             rel = f"{s.name}/{relative_name(image, s.root)}"
-            files[rel] = SourceFile(rel_path=rel, location=image, root=s.root)
+            files[rel] = SourceFile(rel_path=rel, location=image, root=s.root, size=os.path.getsize(image))
             truth[rel] = mask
 
     import ray
 
+    weights = read_weights(args.model)
+    meta = weights.meta
     ray.init(address=args.ray_address, logging_level=logging.WARNING)
     started = time.time()
     cfg = JobConfig(inputs=tuple(s.root for s in args.sets), output=str(out), variants=(),
                     segment=SegmentConfig(weights=args.model))
-    ds = build_dataset(sorted(files.values()), cfg).map_batches(
-        score_batch, batch_format="pyarrow", fn_kwargs={"truth": truth}, num_cpus=0.5)
+    ds = build_dataset(sorted(files.values()), cfg, weights=weights).map_batches(
+        score_batch, batch_format="pyarrow", fn_kwargs={"truth": truth}, num_cpus=0)  # the workers hold every CPU
     rows = ds.take_all()
     seconds = time.time() - started
 
-    meta = read_model_meta(args.model)
-    report = {"model": {"name": meta.name, "sha256": model_checksum(args.model), "meta": meta.to_dict()},
+    report = {"model": {"name": meta.name, "sha256": weights.sha256, "meta": meta.to_dict()},
               "wall_time_s": round(seconds, 1), "sets": {}}
     for s in args.sets:
         mine = [r for r in rows if r["source_path"].startswith(s.name + "/")]

@@ -2,7 +2,7 @@
 
     python jobs/pack_pairs.py --data /work/shared/data/covid-qu-ex/manifest.csv --out .gpu/covid_qu_ex.npz
 
-Layout (loads with np.load(allow_pickle=False); read by pipeline.training.load_packed):
+Layout (loads with np.load(allow_pickle=False); read by pipeline.training.data.load_packed):
   jpeg_data uint8 (B,) + jpeg_offsets int64 (N+1,)  images as concatenated JPEG files (--encoding jpeg), or
   images uint8 (N, S, S)                             raw pixels (--encoding raw)
   masks_packed uint8 (N, S, ceil(S/8)), mask_width    np.packbits(mask, axis=-1)
@@ -79,7 +79,7 @@ def pack(data: str, out: Path, *, encoding: str = "jpeg", quality: int = DEFAULT
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="manifest .csv or folder with images/ and masks/")
+    p.add_argument("--data", required=True, help="manifest .csv, Parquet, or folder with images/ and masks/")
     p.add_argument("--out", required=True, type=Path, help="output .npz")
     p.add_argument("--encoding", choices=("jpeg", "raw"), default="jpeg")
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality 1-100")

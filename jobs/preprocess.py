@@ -13,10 +13,22 @@ import os
 import sys
 import time
 
-from pipeline.config import SOURCE_PATH_MODES, JobConfig, SegmentConfig
-from pipeline.dataset import JobError, check_output, run_job
+from pipeline.bookkeeping import JobError, check_output
+from pipeline.config import (
+    POOL_BATCH,
+    SOURCE_PATH_MODES,
+    WORKER_BATCH,
+    JobConfig,
+    SegmentConfig,
+)
 from pipeline.decode import DecodeConfig
-from pipeline.variants import DEFAULT_VARIANTS, VARIANT_CONTRASTS, VARIANT_REGIONS, VariantConfig
+from pipeline.model import read_weights
+from pipeline.variants import (
+    DEFAULT_VARIANTS,
+    VARIANT_CONTRASTS,
+    VARIANT_REGIONS,
+    VariantConfig,
+)
 from pipeline.writer import OutputConfig
 
 log = logging.getLogger("preprocess")
@@ -46,11 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-shard", type=int, default=OutputConfig.rows_per_shard, help="rows per Parquet shard at most")
     p.add_argument("--max-shard-mb", type=int, default=OutputConfig.max_shard_bytes // 2**20, help="MB per Parquet shard at most")
     p.add_argument("--segment-gpus", type=float, default=None, help="GPUs per segmenter actor (default: 1 if the cluster has GPUs, else CPU)")
-    p.add_argument("--segment-actors", type=int, default=None, help="largest segmenter pool (default: one per GPU)")
+    p.add_argument("--segment-actors", type=int, default=None, help="segmenter pool size (default: one per GPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CPU workers, one CPU each (default: every CPU of the cluster when the job starts)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or "local",
                    help="Ray to run on: $RAY_ADDRESS when set (as under `ray job submit`), else a new local Ray; "
                         "'auto' joins a cluster started with `ray start` on this machine")
-    p.add_argument("--segment-batch", type=int, default=SegmentConfig.batch_size, help="images per model call")
+    p.add_argument("--segment-batch", type=int, default=None,
+                   help=f"images per model call (default: {POOL_BATCH} with a GPU pool, {WORKER_BATCH} on CPU workers)")
     p.add_argument("--segment-cpu-precision", choices=tuple(CPU_PRECISIONS), default="auto",
                    help="model arithmetic of CPU segmenter actors; auto: bf16 where the CPU has native bf16 "
                         "(AVX512-BF16, AMX; 3.5x faster, same Dice), else fp32")
@@ -77,8 +92,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         pseudonym_key=read_key(args.pseudonym_key_file),
         resume=args.resume,
         decode=DecodeConfig(max_pixels=args.max_pixels),
+        workers=args.workers,
         segment=SegmentConfig(weights=args.model, gpus_per_actor=args.segment_gpus,
-                              max_actors=args.segment_actors, batch_size=args.segment_batch,
+                              actors=args.segment_actors, batch_size=args.segment_batch,
                               cpu_bf16=CPU_PRECISIONS[args.segment_cpu_precision]),
         variant=VariantConfig(size=args.size, resize_mode=args.resize_mode, bit_depth=args.bit_depth,
                               crop_margin_frac=args.crop_margin, pad_square=args.pad_square),
@@ -94,19 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         for path in cfg.inputs:
             if "://" not in path and not os.path.lexists(path):
                 raise ValueError(f"input {path} does not exist")
-        if cfg.segment.weights and not os.path.isfile(cfg.segment.weights):
-            raise ValueError(f"model file {cfg.segment.weights} does not exist")
         check_output(cfg)
+        weights = read_weights(cfg.segment.weights)  # read and checked once, before Ray starts
     except (ValueError, OSError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import ray
 
+    from pipeline.dataset import run_job
+
     ray.init(address=args.ray_address, logging_level=logging.WARNING)
     started = time.time()
     try:
-        manifest = run_job(cfg)
+        manifest = run_job(cfg, weights=weights)
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

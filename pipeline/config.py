@@ -1,32 +1,46 @@
-"""The job's configuration: one frozen dataclass per concern, assembled into JobConfig.
+"""The job's configuration: one frozen dataclass per concern, assembled into JobConfig. No Ray here.
 
-Stage-specific configs live beside their stage (DecodeConfig in decode.py, RefineConfig in
-refine.py, VariantConfig in variants.py, ReadConfig in datasource.py, OutputConfig in
-writer.py); this module adds the segmenter's and the job's own settings.
+Stage-specific configs live beside their stage (ReadConfig in read.py, DecodeConfig in decode.py,
+RefineConfig in refine.py, VariantConfig in variants.py, OutputConfig in writer.py); this module adds
+the segmenter's and the job's own settings. Every value is checked when the config is built, so a bad
+option is refused in one line before Ray starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from pipeline.datasource import ReadConfig
 from pipeline.decode import DecodeConfig
+from pipeline.read import ReadConfig
 from pipeline.refine import RefineConfig
 from pipeline.variants import DEFAULT_VARIANTS, VariantConfig, parse_variant
 from pipeline.writer import OutputConfig
 
 SOURCE_PATH_MODES = ("relative", "absolute", "hashed")
+POOL_BATCH = 16  # images per call to a (GPU) segmenter pool: the GPU works on big batches, and a call has overhead
+WORKER_BATCH = 2  # images per model call inside a CPU worker: small batches stay in cache (one thread,
+#                   bf16: 35 ms per image at 2, 48 at 16; benchmarks/bench_pipeline.py)
 
 
 @dataclass(frozen=True)
 class SegmentConfig:
     weights: str | None = None  # path to a weights file; None = the model shipped in the package
-    gpus_per_actor: float | None = None  # GPUs per segmenter actor; None = 1 if the cluster has GPUs now, else 0 (CPU)
-    min_actors: int = 1  # smallest segmenter pool
-    max_actors: int | None = None  # largest pool; None = one per GPU, or one per 4 CPUs on a CPU-only cluster
-    batch_size: int = 32  # images per model call
-    cpu_threads: int = 1  # torch threads per CPU actor (also the CPUs it reserves)
-    cpu_bf16: bool | None = None  # CPU actors run the model in bf16; None = where the CPU has native bf16 (AVX512-BF16, AMX)
+    gpus_per_actor: float | None = None  # GPUs per segmenter actor; None = 1 if the cluster has GPUs now;
+    #                                      0 = no segmenter pool: every CPU worker runs the model itself
+    actors: int | None = None  # size of the GPU segmenter pool; None = one per GPU / gpus_per_actor
+    pool: bool | None = None  # a segmenter pool of its own; None = exactly when it has GPUs. True without
+    #                           GPUs runs the GPU-node layout on CPU actors (tests, the free-model benchmark)
+    batch_size: int | None = None  # images per model call, and decoded at a time by a worker; None = POOL_BATCH
+    #                                with a segmenter pool, WORKER_BATCH when the model runs in the CPU workers
+    cpu_bf16: bool | None = None  # CPU workers run the model in bf16; None = where the CPU has native bf16 (AVX512-BF16, AMX)
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"segment GPUs per actor must be >= 0, got {self.gpus_per_actor}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"segment actors must be >= 1, got {self.actors}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"segment batch must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -37,10 +51,9 @@ class JobConfig:
     source_path_mode: str = "relative"  # how source_path is written: relative to its root, absolute, or a keyed hash
     pseudonym_key: bytes | None = field(default=None, repr=False)  # HMAC key for pseudonymous ids and hashed paths; never written
     resume: bool = False  # continue into an output that holds finished shards
-    decode_batch_size: int = 8  # images per decode task batch
-    postprocess_batch_size: int = 4  # images per refine/variants task batch
-    decode_memory_mb: int = 512  # memory reserved per decode task (MB); the distinct reservation also keeps
-    #                              decoding a CPU stage of its own instead of fusing into the segmenter actors
+    workers: int | None = None  # CPU worker actors (one CPU each); None = every CPU the cluster has at start
+    task_files: int = 64  # at most this many inputs per worker call
+    task_bytes: int = 64 * 1024**2  # ... and about this many input bytes (by the listing), so big images come in small calls
     read: ReadConfig = field(default_factory=ReadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
@@ -57,6 +70,10 @@ class JobConfig:
             raise ValueError(f"source_path_mode must be one of {SOURCE_PATH_MODES}, got {self.source_path_mode!r}")
         if self.source_path_mode == "hashed" and not self.pseudonym_key:
             raise ValueError("source_path_mode 'hashed' needs a pseudonym key")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.task_files < 1 or self.task_bytes < 1:
+            raise ValueError(f"task_files and task_bytes must be >= 1, got {self.task_files} and {self.task_bytes}")
 
     def options(self) -> dict:
         """The settings as plain data for the manifest, without the key."""

@@ -1,51 +1,82 @@
-"""The pipeline as a Ray Dataset, and the job that writes it out exactly once.
+"""The job on Ray: the one module that knows Ray and Arrow tables. The work itself is `pipeline.process`.
 
-    discover -> read (XrayFileDatasource) -> decode (CPU tasks) -> segment (actor pool, GPU
-    when there is one) -> refine + variants (CPU tasks) -> write shards (CPU tasks) -> manifest
+    discover (driver)
+      -> source blocks: paths only, <= task_files inputs and ~task_bytes input bytes each (driver)
+      -> ImageWorker actors, one CPU each: read, decode, model input, [segment], refine, variants, PNG
+             [segment] = the model in the worker itself (CPU nodes), or a call to the segmenter
+                         pool, GPU actors that get uint8 S x S inputs and return uint8 S x S
+                         probabilities (GPU nodes)
+      -> write tasks: the driver groups the workers' output blocks by their metadata, <= rows_per_shard
+             rows and ~max_shard_bytes, never touching the bytes itself
+      -> finalize (pipeline.bookkeeping)
 
-`build_dataset` returns the lazy Dataset of result rows for users who want to compose it;
+Why this shape (measured in docs/BENCHMARKS.md): the full-resolution pixels never leave the worker
+that decoded them, so nothing but 64 KB in and 64 KB out per image crosses to a GPU node, and nothing
+grows in the object store ahead of the GPU pool; on a CPU node every core runs whole images with no
+stage waiting on another. Output blocks wait in the object store only until a shard's worth is
+there, and at most `writes_in_flight` shards are being written at once.
+
+`build_dataset` returns the lazy Dataset of result rows for users who compose their own pipeline;
 `run_job` adds resume, the exactly-once write and the manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import platform
+import os
+import random
 import time
-from collections import Counter
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 
-from pipeline.config import JobConfig
-from pipeline.datasource import XrayFileDatasource
-from pipeline.discover import SourceFile, discover
-from pipeline.model import model_checksum, read_model_meta
+from pipeline.bookkeeping import JobError, check_output, finalize, pending
+from pipeline.config import POOL_BATCH, WORKER_BATCH, JobConfig
+from pipeline.discover import SourceFile, discover, is_uri
 from pipeline.privacy import hashed_path
-from pipeline.schema import images_schema
-from pipeline.segment import Segmenter
-from pipeline.stages import PostprocessConfig, decode_batch, postprocess_batch
-from pipeline.writer import (
-    ERRORS_DIR,
-    IMAGES_DIR,
-    done_source_paths,
-    list_shards,
-    output_is_empty,
-    read_manifest,
-    remove_duplicate_rows,
-    remove_temporary_files,
-    write_manifest,
-    write_shards,
-)
+from pipeline.process import ProcessConfig, process
+from pipeline.schema import SOURCE_SCHEMA, result_schema
+from pipeline.writer import OutputConfig, write_results
 
 log = logging.getLogger(__name__)
 
-CPUS_PER_CPU_ACTOR = 4  # on a CPU-only cluster, one segmenter actor per this many CPUs
+WRITES_PER_WORKERS = 8  # one shard write in flight per this many workers (at least MIN_WRITES_IN_FLIGHT)
+MIN_WRITES_IN_FLIGHT = 2
+TAIL_SHARE = 2  # a block holds at most 1 / (TAIL_SHARE * workers) of the work left (see source_blocks)
+CALLS_QUEUED_PER_WORKER = 2  # a worker starts its next block as soon as one ends
+WRITE_RETRIES = 3  # a write task is retried this often (its shard name makes a retry replace, not add)
+
+__all__ = ["JobError", "Layout", "build_dataset", "check_output", "plan_layout", "preprocess", "run_job", "source_files"]
 
 
-class JobError(RuntimeError):
-    """The job cannot start or did not account for every input."""
+@dataclass(frozen=True)
+class Layout:
+    """How the job uses the cluster it is connected to."""
+
+    workers: int  # ImageWorker actors, one CPU each
+    segment_actors: int  # segmenter pool actors; 0 = the model runs inside every worker
+    segment_gpus: float  # GPUs per segmenter pool actor
+
+    @property
+    def writes_in_flight(self) -> int:
+        return max(MIN_WRITES_IN_FLIGHT, self.workers // WRITES_PER_WORKERS)
+
+
+def plan_layout(cfg: JobConfig) -> Layout:
+    """Workers and segmenter pool for the connected cluster (as it is now) and the options."""
+    resources = ray.cluster_resources()
+    cluster_gpus, cluster_cpus = float(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    seg = cfg.segment
+    gpus = seg.gpus_per_actor if seg.gpus_per_actor is not None else (1.0 if cluster_gpus > 0 else 0.0)
+    pool = seg.pool if seg.pool is not None else gpus > 0
+    actors = 0
+    if pool:
+        actors = seg.actors or (max(1, int(cluster_gpus / gpus)) if gpus > 0 else 1)
+    return Layout(workers=cfg.workers or max(1, cluster_cpus), segment_actors=actors, segment_gpus=gpus if pool else 0.0)
 
 
 def source_files(cfg: JobConfig) -> list[SourceFile]:
@@ -58,58 +89,121 @@ def source_files(cfg: JobConfig) -> list[SourceFile]:
     return files
 
 
-def segmenter_resources(cfg: JobConfig) -> tuple[float, int]:
-    """(GPUs per actor, max actors) for the segmenter pool on the connected cluster."""
-    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = cfg.segment.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus > 0 else 0.0
-    if cfg.segment.max_actors is not None:
-        return gpus, cfg.segment.max_actors
-    if gpus > 0:
-        return gpus, max(1, int(cluster_gpus / gpus))
-    return gpus, max(1, cluster_cpus // CPUS_PER_CPU_ACTOR)
+def source_blocks(files: list[SourceFile], cfg: JobConfig, *, workers: int) -> list[pa.Table]:
+    """SOURCE_SCHEMA tables, one per worker call, in the order of `files`.
+
+    A block holds at most cfg.task_files inputs and about cfg.task_bytes listed bytes, and at most a
+    1 / (TAIL_SHARE * workers) share of what is left after it ("guided" sizes): the first blocks are
+    large (little per-call overhead), the last ones small, so the workers finish together.
+    """
+    remaining_files, remaining_bytes = len(files), sum(f.size or 0 for f in files)
+    share = max(1, workers * TAIL_SHARE)
+    blocks, rows, size = [], [], 0
+    for f in files:
+        n = f.size or 0
+        max_files = max(1, min(cfg.task_files, -(-remaining_files // share)))
+        max_bytes = max(1, min(cfg.task_bytes, remaining_bytes // share))
+        if rows and (len(rows) >= max_files or size + n > max_bytes):
+            blocks.append(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA))
+            remaining_files, remaining_bytes = remaining_files - len(rows), remaining_bytes - size
+            rows, size = [], 0
+        location = f.location.encode("utf-8") if is_uri(f.location) else os.fsencode(f.location)
+        rows.append({"source_path": f.rel_path, "location": location, "size": f.size})
+        size += n
+    if rows:
+        blocks.append(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA))
+    return blocks
 
 
-def build_dataset(files: list[SourceFile], cfg: JobConfig, *, segmenter: type = Segmenter) -> ray.data.Dataset:
+class PoolSegmenter:
+    """A segmenter pool actor: the model, loaded once from the weights in the object store."""
+
+    def __init__(self, weights, segmenter: type, cpu_bf16: bool | None):
+        self.model = segmenter(weights, cpu_bf16=cpu_bf16)
+
+    def segment(self, batch: dict) -> dict:
+        return self.model(batch)
+
+    def ready(self) -> bool:
+        return True
+
+
+class PoolClient:
+    """What a worker calls instead of a model: one pool actor per call, round robin from a random start."""
+
+    def __init__(self, actors: list):
+        start = random.randrange(len(actors))  # workers spread their first calls over the pool
+        self.actors = itertools.cycle(actors[start:] + actors[:start])
+
+    def __call__(self, batch: dict) -> dict:
+        return ray.get(next(self.actors).segment.remote(batch))
+
+
+class ImageWorker:
+    """The Ray Data UDF: a block of SOURCE rows -> blocks of result rows, one per chunk of images."""
+
+    def __init__(self, cfg: ProcessConfig, weights_ref, pool: list | None, segmenter: type | None,
+                 cpu_bf16: bool | None):
+        import cv2
+
+        cv2.setNumThreads(1)  # one CPU per worker: OpenCV's own threads would only compete with the others
+        self.cfg = cfg
+        self.schema = result_schema(cfg.variants)
+        if pool:
+            self.segment = PoolClient(pool)
+        else:
+            self.segment = segmenter(ray.get(weights_ref), device="cpu", cpu_threads=1, cpu_bf16=cpu_bf16)
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for rows in process(batch.to_pylist(), self.segment, self.cfg):
+            yield pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def process_config(cfg: JobConfig, weights, layout: Layout) -> ProcessConfig:
+    """What every worker needs: the options, the model's identity, its threshold unless the user set one."""
+    refine = cfg.refine if cfg.refine.threshold is not None else dataclasses.replace(cfg.refine, threshold=weights.meta.threshold)
+    batch = cfg.segment.batch_size or (POOL_BATCH if layout.segment_actors else WORKER_BATCH)
+    return ProcessConfig(variants=tuple(cfg.variants), model=weights.meta, model_sha256=weights.sha256, refine=refine,
+                         read=cfg.read, decode=cfg.decode, variant=cfg.variant, pseudonym_key=cfg.pseudonym_key,
+                         segment_batch=batch)
+
+
+def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, cpu_bf16: bool | None) -> list:
+    """The segmenter pool's actors (restarted by Ray if they die; a call to a restarting actor is retried)."""
+    actor = ray.remote(PoolSegmenter).options(num_gpus=layout.segment_gpus, num_cpus=0, max_restarts=-1,
+                                              max_task_retries=-1)
+    actors = [actor.remote(weights_ref, segmenter, cpu_bf16) for _ in range(layout.segment_actors)]
+    log.info("segmenter pool: %d actors, %s GPU each", len(actors), layout.segment_gpus)
+    return actors
+
+
+def build_dataset(files: list[SourceFile], cfg: JobConfig, *, segmenter: type | None = None,
+                  layout: Layout | None = None, weights=None) -> ray.data.Dataset:
     """The lazy Dataset of result rows (image rows and error rows) for `files`.
 
-    `segmenter` is the callable class run as the actor pool (Segmenter, or a subclass).
+    `segmenter` is the model class (pipeline.segment.Segmenter, or a subclass), run inside every
+    worker or as the segmenter pool (`plan_layout`).
     """
-    meta = read_model_meta(cfg.segment.weights)
-    post = PostprocessConfig(
-        variants=tuple(cfg.variants),
-        refine=cfg.refine,
-        variant=cfg.variant,
-        model_name=meta.name,
-        model_sha256=model_checksum(cfg.segment.weights),
+    from pipeline.model import (
+        read_weights,  # the driver reads the weights once; workers never import torch for it
     )
-    gpus, max_actors = segmenter_resources(cfg)
-    ds = ray.data.read_datasource(XrayFileDatasource(files, cfg.read))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=cfg.decode_batch_size,
-        fn_kwargs={"cfg": cfg.decode, "meta": meta, "pseudonym_key": cfg.pseudonym_key},
-        num_cpus=1,
-        memory=cfg.decode_memory_mb * 2**20,
-    )
-    ds = ds.map_batches(
-        segmenter,
-        batch_format="pyarrow",
-        batch_size=cfg.segment.batch_size,
-        fn_constructor_kwargs={"weights": cfg.segment.weights, "cpu_threads": cfg.segment.cpu_threads,
-                               "cpu_bf16": cfg.segment.cpu_bf16},
-        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.segment.min_actors, max_actors), max_size=max_actors),
-        num_gpus=gpus,
-        num_cpus=0 if gpus > 0 else cfg.segment.cpu_threads,
-    )
+    from pipeline.segment import Segmenter
+
+    segmenter = segmenter or Segmenter
+    weights = weights or read_weights(cfg.segment.weights)
+    layout = layout or plan_layout(cfg)
+    weights_ref = ray.put(weights)
+    pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg.segment.cpu_bf16) if layout.segment_actors else None
+    blocks = source_blocks(files, cfg, workers=layout.workers)
+    ds = ray.data.from_arrow(blocks)
     return ds.map_batches(
-        postprocess_batch,
+        ImageWorker,
+        batch_size=None,  # one source block per call: blocks are already sized by files and bytes
         batch_format="pyarrow",
-        batch_size=cfg.postprocess_batch_size,
-        fn_kwargs={"cfg": post, "input_size": meta.input_size},
+        fn_constructor_kwargs={"cfg": process_config(cfg, weights, layout), "weights_ref": weights_ref, "pool": pool,
+                               "segmenter": None if pool else segmenter, "cpu_bf16": cfg.segment.cpu_bf16},
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(layout.workers, len(blocks))),
+                                           max_tasks_in_flight_per_actor=CALLS_QUEUED_PER_WORKER),
         num_cpus=1,
     )
 
@@ -120,107 +214,65 @@ def preprocess(inputs: list[str], output: str = "", **options) -> ray.data.Datas
     return build_dataset(source_files(cfg), cfg)
 
 
-def check_output(cfg: JobConfig) -> None:
-    """Refuse an output that holds something unless resuming into one of ours."""
-    if output_is_empty(cfg.output):
-        return
-    if not cfg.resume:
-        raise JobError(f"output {cfg.output} exists and is not empty; choose a new folder or pass --resume")
-    shards = list_shards(cfg.output)
-    if not (shards[IMAGES_DIR] or shards[ERRORS_DIR] or read_manifest(cfg.output)):
-        raise JobError(f"--resume given but {cfg.output} holds no shards of this job")
+def _write_task(*blocks: pa.Table, output: str, variants: tuple[str, ...], cfg: OutputConfig) -> list[dict]:
+    return write_results(pa.concat_tables(blocks), output=output, variants=variants, cfg=cfg)
 
 
-def library_versions() -> dict[str, str]:
-    import cv2
-    import numpy
-    import pyarrow
-    import pydicom
-    import torch
+def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writes_in_flight: int) -> list[dict]:
+    """Stream the result blocks into shard write tasks; returns one summary per shard written.
 
-    return {
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "opencv": cv2.__version__,
-        "pyarrow": pyarrow.__version__,
-        "pydicom": pydicom.__version__,
-    }
+    The driver sees only block references and their metadata (rows, bytes): a group of blocks becomes
+    one write task when the next block would take it over rows_per_shard rows or max_shard_bytes bytes.
+    """
+    write = ray.remote(_write_task).options(num_cpus=0, max_retries=WRITE_RETRIES)
+    kwargs = {"output": cfg.output, "variants": tuple(cfg.variants), "cfg": cfg.out}
+    summaries: list[dict] = []
+    in_flight: list = []
+    group: list = []
+    rows = size = 0
+
+    def submit() -> None:
+        nonlocal group, rows, size
+        if group:
+            in_flight.append(write.remote(*group, **kwargs))
+        group, rows, size = [], 0, 0
+        while len(in_flight) > writes_in_flight:
+            done, in_flight[:] = ray.wait(in_flight, num_returns=1)
+            summaries.extend(ray.get(done[0]))
+
+    for bundle in results.iter_internal_ref_bundles():
+        for entry, block_slice in zip(bundle.blocks, bundle.slices):
+            if block_slice is not None:
+                raise JobError(f"unexpected sliced block in the result stream: {block_slice}")
+            n, nbytes = entry.metadata.num_rows or 0, entry.metadata.size_bytes or 0
+            if group and (rows + n > cfg.out.rows_per_shard or size + nbytes > cfg.out.max_shard_bytes):
+                submit()
+            group.append(entry.ref)
+            rows, size = rows + n, size + nbytes
+    submit()
+    for ref in in_flight:
+        summaries.extend(ray.get(ref))
+    return summaries
 
 
-def run_job(cfg: JobConfig, *, segmenter: type = Segmenter) -> dict:
+def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> dict:
     """Process every input not yet in the output, then write and return the manifest.
 
+    `weights`: the model as `pipeline.model.read_weights` read it (read here when None).
     Raises JobError before any work when the output is not usable, and after the work when
     the output does not hold every discovered input exactly once.
     """
+    from pipeline.model import read_weights
+
     started = time.time()
     check_output(cfg)
+    weights = weights or read_weights(cfg.segment.weights)
     files = source_files(cfg)
-    removed = remove_temporary_files(cfg.output)
-    if removed:
-        log.info("removed %d half-written shards from an earlier run", removed)
-    done = done_source_paths(cfg.output)
-    already = set(done[IMAGES_DIR]) | set(done[ERRORS_DIR])
-    todo = [f for f in files if f.rel_path not in already]
+    todo = pending(files, cfg.output)
     log.info("%d inputs, %d already done, %d to process", len(files), len(files) - len(todo), len(todo))
     if todo:
-        results = build_dataset(todo, cfg, segmenter=segmenter)
-        written = results.map_batches(
-            write_shards,
-            batch_format="pyarrow",
-            batch_size=cfg.out.rows_per_shard,
-            fn_kwargs={"output": cfg.output, "images_schema": images_schema(list(cfg.variants)), "cfg": cfg.out},
-            num_cpus=0.5,
-        )
-        for _ in written.iter_rows():
-            pass
-    manifest = finalize(cfg, files, processed=len(todo), started=started)
-    return manifest
-
-
-def finalize(cfg: JobConfig, files: list[SourceFile], *, processed: int, started: float) -> dict:
-    """Check that every input is in the output exactly once, then write the manifest."""
-    removed = remove_duplicate_rows(cfg.output)
-    done = done_source_paths(cfg.output)
-    expected = {f.rel_path for f in files}
-    seen = Counter(done[IMAGES_DIR]) + Counter(done[ERRORS_DIR])
-    duplicated = sorted(p for p, n in seen.items() if n > 1)
-    missing = sorted(expected - set(seen))
-    unexpected = sorted(set(seen) - expected)
-    previous = read_manifest(cfg.output) or {}
-    wall = time.time() - started
-    meta = read_model_meta(cfg.segment.weights)
-    shards = list_shards(cfg.output)
-    manifest = {
-        "complete": not (duplicated or missing),
-        "counts": {
-            "images_in": len(files),
-            "ok": len(done[IMAGES_DIR]),
-            "errors": len(done[ERRORS_DIR]),
-            "missing": len(missing),
-            "duplicated": len(duplicated),
-            "not_in_input": len(unexpected),
-            "duplicates_removed": removed,
-        },
-        "options": cfg.options(),
-        "model": {"name": meta.name, "sha256": model_checksum(cfg.segment.weights), "meta": meta.to_dict()},
-        "versions": library_versions(),
-        "wall_time_s": round(wall, 3),
-        "runs": previous.get("runs", []) + [{
-            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": round(wall, 3),
-            "processed": processed,
-            "resumed": cfg.resume,
-        }],
-        "shards": {kind: [p.rsplit("/", 1)[-1] for p in paths] for kind, paths in shards.items()},
-    }
-    write_manifest(cfg.output, manifest)
-    manifest = read_manifest(cfg.output)  # as written: plain JSON types
-    if duplicated or missing:
-        raise JobError(
-            f"output does not hold every input exactly once: {len(missing)} missing, {len(duplicated)} duplicated "
-            f"(first: {(missing + duplicated)[:3]})"
-        )
-    return manifest
+        layout = plan_layout(cfg)
+        log.info("%s", layout)
+        results = build_dataset(todo, cfg, segmenter=segmenter, layout=layout, weights=weights)
+        write_dataset(results, cfg, writes_in_flight=layout.writes_in_flight)
+    return finalize(cfg, files, weights, processed=len(todo), started=started)

@@ -33,6 +33,7 @@ class SourceFile:
     rel_path: str
     location: str
     root: str
+    size: int | None = None  # bytes as listed (None when the listing cannot tell); used to balance work
 
 
 def is_uri(path: str) -> bool:
@@ -44,10 +45,18 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", errors="backslashreplace")
 
 
-def _walk_local(root: str) -> list[tuple[str, str]]:
-    """(location, relative posix path) for every non-directory entry under a local root."""
+def _size(location: str) -> int | None:
+    """The file's size in bytes (a symlink's target), or None when it cannot be stat-ed (a broken link)."""
+    try:
+        return os.stat(location).st_size
+    except OSError:
+        return None
+
+
+def _walk_local(root: str) -> list[tuple[str, str, int | None]]:
+    """(location, relative posix path, size) for every non-directory entry under a local root."""
     if not os.path.isdir(root):
-        return [(root, os.path.basename(root))]
+        return [(root, os.path.basename(root), _size(root))]
     found = []
     skipped_dir_links = 0
 
@@ -66,26 +75,26 @@ def _walk_local(root: str) -> list[tuple[str, str]]:
         for name in filenames:
             location = os.path.join(dirpath, name)
             rel = os.path.relpath(location, root).replace(os.sep, "/")
-            found.append((location, rel))
+            found.append((location, rel, _size(location)))
     if skipped_dir_links:
         log.warning("%d symlinked directories under %s were not followed", skipped_dir_links, root)
     return found
 
 
-def _walk_uri(uri: str) -> list[tuple[str, str]]:
+def _walk_uri(uri: str) -> list[tuple[str, str, int | None]]:
     fs, base = pafs.FileSystem.from_uri(uri)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {uri} does not exist")
     if info.type == pafs.FileType.File:
-        return [(uri, posixpath.basename(base))]
+        return [(uri, posixpath.basename(base), info.size)]
     scheme_prefix = uri[: uri.index("://") + 3]
     found = []
     for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         if entry.type == pafs.FileType.Directory:
             continue
         rel = posixpath.relpath(entry.path, base)
-        found.append((scheme_prefix + entry.path, rel))
+        found.append((scheme_prefix + entry.path, rel, entry.size))
     return found
 
 
@@ -115,9 +124,9 @@ def discover(roots: list[str]) -> list[SourceFile]:
             if not os.path.lexists(root):
                 raise FileNotFoundError(f"input {root} does not exist")
             entries = _walk_local(root)
-        for location, rel in entries:
+        for location, rel, size in entries:
             rel = printable(rel)
             if prefix_roots:
                 rel = f"{root_name(root)}/{rel}"
-            files.setdefault(rel, SourceFile(rel_path=rel, location=location, root=root))
+            files.setdefault(rel, SourceFile(rel_path=rel, location=location, root=root, size=size))
     return sorted(files.values())

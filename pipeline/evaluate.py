@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.variants import decode_png
+from pipeline.png import decode_png
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", "")
 OVERLAY_COLOR_TRUTH = (0, 255, 0)  # BGR: ground-truth outline

@@ -2,8 +2,9 @@
 
 Privacy rule: the output carries only the attributes in ``DICOM_ALLOWLIST`` (none of them
 identifies a person) and keyed hashes (HMAC-SHA256) of the study / image / patient
-identifiers. Raw identifiers live only in ``Decoded.identifiers`` in memory, for hashing,
-and are never written. Without a key there are no pseudonymous ids at all: an unkeyed hash
+identifiers. The decoder copies the raw values of ``HEADER_KEYWORDS`` (and nothing else) into
+``Decoded.header``, in memory; ``header_columns`` turns them into the output columns, and the raw
+identifiers are never written. Without a key there are no pseudonymous ids at all: an unkeyed hash
 of a PatientID or a UID can be reversed by hashing candidate values.
 """
 
@@ -34,6 +35,9 @@ IDENTIFIER_COLUMNS: dict[str, str] = {
     "SOPInstanceUID": "pseudo_image_id",
 }
 
+# Every header value the decoder hands over: the allowlist and the identifiers to hash.
+HEADER_KEYWORDS: tuple[str, ...] = (*DICOM_ALLOWLIST, *IDENTIFIER_COLUMNS)
+
 _STR_KEYWORDS = ("Modality", "ViewPosition", "PhotometricInterpretation")
 _INT_KEYWORDS = ("BitsStored", "Rows", "Columns")
 _PIXEL_SPACING_VM = 2  # row spacing, column spacing (mm)
@@ -61,7 +65,7 @@ def _pixel_spacing(value: Any) -> list[float] | None:
 
 
 def allowlisted_attributes(ds: Any) -> dict[str, Any]:
-    """The allowlisted attributes of a pydicom Dataset, keyed by output column name.
+    """The allowlisted attributes of a header (a pydicom Dataset or ``Decoded.header``), keyed by output column.
 
     Every column of ``DICOM_ALLOWLIST`` is present; a missing or empty attribute is None.
     Values are plain Python types: str, int, or list[float] (dicom_pixel_spacing, mm).
@@ -83,7 +87,7 @@ def allowlisted_attributes(ds: Any) -> dict[str, Any]:
 
 
 def raw_identifiers(ds: Any) -> dict[str, str]:
-    """The raw identifiers present in a Dataset: {keyword: str}, for keyed hashing only."""
+    """The raw identifiers present in a header (Dataset or dict): {keyword: str}, for keyed hashing only."""
     ids: dict[str, str] = {}
     for keyword in IDENTIFIER_COLUMNS:
         value = ds.get(keyword) if hasattr(ds, "get") else None
@@ -119,3 +123,12 @@ def pseudonymous_ids(identifiers: dict, key: bytes | None) -> dict[str, str | No
 def hashed_path(path: str, key: bytes) -> str:
     """Keyed hash of a source path (HMAC-SHA256 hex), for the hashed source_path option."""
     return pseudonym(path, key)
+
+
+def header_columns(header: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+    """Every DICOM-derived output column of one image: the allowlisted attributes and the pseudonyms.
+
+    ``header``: ``Decoded.header`` ({} for PNG/JPEG/TIFF: every column None). With ``key`` None the
+    pseudonyms are None.
+    """
+    return {**allowlisted_attributes(header), **pseudonymous_ids(raw_identifiers(header), key)}

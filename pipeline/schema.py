@@ -1,17 +1,28 @@
-"""Arrow schemas: the rows that flow between stages, and the Parquet files that come out.
+"""The row layout, in one place: what a worker receives, what it emits, and the Parquet files that come out.
+
+    SOURCE_SCHEMA   one input file: source_path (as written), location (what the reader opens), size
+    result rows     images_schema(variants) + the error_* columns: an image row (error_* null) or an
+                    error row (only identity and error_* set); the writer splits them into
+    images/         images_schema(variants)
+    errors/         ERRORS_SCHEMA
+
+Rows are built by `image_row` and `error_row`, which refuse a row whose keys do not match the
+schema exactly: a new column (a DICOM attribute added to the allowlist, a QC number) that is not
+declared here fails loudly instead of being dropped.
 
 Images and masks are stored as PNG bytes with their height and width in plain columns, not as
 Ray tensor extension types, so pandas, pyarrow, Hugging Face datasets and Spark read them as is.
-Between stages, pixel arrays travel as raw bytes (`pixels`: uint16 little-endian (H, W);
-`model_input`: uint8 (S, S); `lung_prob`: float16 (S, S)) with their shapes beside them.
-
 No column holds a patient-identifying DICOM attribute: DICOM metadata reaches the output only
 through the allowlist in `pipeline.privacy`, and identifiers only as keyed hashes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
+
+MAX_MESSAGE_CHARS = 500  # an error message is cut to this length
 
 # The allowlisted DICOM attributes as output columns (see pipeline.privacy.DICOM_ALLOWLIST).
 DICOM_FIELDS = [
@@ -37,7 +48,6 @@ IDENTITY_FIELDS = [
     pa.field("source_path", pa.string()),
     pa.field("source_sha256", pa.string()),
 ]
-
 SOURCE_FIELDS = [  # what decoding found out about the source image
     pa.field("format", pa.string()),
     pa.field("source_height", pa.int32()),
@@ -45,20 +55,11 @@ SOURCE_FIELDS = [  # what decoding found out about the source image
     pa.field("source_bits_stored", pa.int32()),
 ]
 
-READ_SCHEMA = pa.schema([*IDENTITY_FIELDS, pa.field("data", pa.binary()), *ERROR_FIELDS])
-
-DECODED_SCHEMA = pa.schema([
-    *IDENTITY_FIELDS,
-    *SOURCE_FIELDS,
-    pa.field("decode_notes", pa.list_(pa.string())),
-    *DICOM_FIELDS,
-    *PSEUDONYM_FIELDS,
-    pa.field("pixels", pa.binary()),
-    pa.field("model_input", pa.binary()),
-    *ERROR_FIELDS,
+SOURCE_SCHEMA = pa.schema([
+    pa.field("source_path", pa.string()),  # as written to the output (relative, absolute or hashed)
+    pa.field("location", pa.binary()),  # what the reader opens: os.fsencode(local path) or a UTF-8 URI
+    pa.field("size", pa.int64()),  # bytes, from the listing (null when unknown); balances the work
 ])
-
-SEGMENTED_SCHEMA = DECODED_SCHEMA.append(pa.field("lung_prob", pa.binary()))
 
 ERRORS_SCHEMA = pa.schema([
     *IDENTITY_FIELDS,
@@ -66,13 +67,6 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("error_type", pa.string()),
     pa.field("message", pa.string()),
 ])
-
-
-def error_fields(stage: str | None = None, error_type: str | None = None, message: str | None = None) -> dict:
-    """The error_* columns of a work row; all None for a row without error."""
-    if message is not None and len(message) > 500:
-        message = message[:497] + "..."
-    return {"error_stage": stage, "error_type": error_type, "error_message": message}
 
 
 def variant_fields(name: str) -> list[pa.Field]:
@@ -83,7 +77,7 @@ def variant_fields(name: str) -> list[pa.Field]:
     ]
 
 
-def images_schema(variants: list[str]) -> pa.Schema:
+def images_schema(variants: list[str] | tuple[str, ...]) -> pa.Schema:
     """The schema of OUTPUT/images/*.parquet for the chosen variants (one PNG column each)."""
     fields = [
         *IDENTITY_FIELDS,
@@ -108,3 +102,31 @@ def images_schema(variants: list[str]) -> pa.Schema:
         *PSEUDONYM_FIELDS,
     ]
     return pa.schema(fields)
+
+
+def result_schema(variants: list[str] | tuple[str, ...]) -> pa.Schema:
+    """What a worker emits: images_schema plus the error_* columns (null on image rows)."""
+    schema = images_schema(variants)
+    for f in ERROR_FIELDS:
+        schema = schema.append(f)
+    return schema
+
+
+def image_row(values: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    """A result row from every column of `schema` except error_*; ValueError naming any missing or unknown key."""
+    expected = set(schema.names) - {f.name for f in ERROR_FIELDS}
+    missing, unknown = sorted(expected - set(values)), sorted(set(values) - expected)
+    if missing or unknown:
+        raise ValueError(f"image row does not match the output schema: missing {missing}, unknown {unknown}")
+    return {**values, **{f.name: None for f in ERROR_FIELDS}}
+
+
+def error_row(source_path: str, source_sha256: str | None, *, stage: str, error_type: str, message: str,
+              schema: pa.Schema) -> dict[str, Any]:
+    """A result row for an input that failed at `stage`: identity and error_* set, every other column null."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+    row: dict[str, Any] = dict.fromkeys(schema.names)
+    row.update(source_path=source_path, source_sha256=source_sha256,
+               error_stage=stage, error_type=error_type, error_message=message)
+    return row

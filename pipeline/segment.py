@@ -7,6 +7,11 @@ actor, on the node it runs on. Measured with the shipped model on this project's
 (AVX512-BF16): 24 vs 84 ms per image, and mean Dice on COVID-QU-Ex Val, JSRT and Shenzhen equal to
 fp32 to 4 decimals (benchmarks/bench_segment.py, scripts/eval_lung_model.py --cpu-bf16).
 The same class serves both, with no code change.
+
+Contract: ``__call__({"model_input": uint8 (N, S, S)}) -> {"lung_prob": uint8 (N, S, S)}``, the
+probability times 255 (`pipeline.model_input.probability_to_u8`): 64 KB in and 64 KB out per image at
+256 px, whatever the source's size. The wiring runs it inside the CPU workers, or as a GPU actor
+pool that the CPU workers call (`pipeline.dataset`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from pipeline.model import load_model
-from pipeline.schema import SEGMENTED_SCHEMA
+from pipeline.model import Weights, load_model
+from pipeline.model_input import probability_to_u8
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,10 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 class Segmenter:
-    """uint8 (N, S, S) model inputs -> float32 (N, S, S) lung probabilities in [0, 1]."""
+    """uint8 (N, S, S) model inputs -> lung probabilities (see the module docstring)."""
 
-    def __init__(self, weights: str | None = None, *, device: str | None = None, cpu_threads: int | None = None,
-                 cpu_bf16: bool | None = None):
+    def __init__(self, weights: Weights | str | None = None, *, device: str | None = None,
+                 cpu_threads: int | None = None, cpu_bf16: bool | None = None):
         self.device = pick_device(device)
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -73,7 +77,7 @@ class Segmenter:
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S) -> float32 (N, S, S) probabilities."""
-        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
+        x = torch.from_numpy(np.require(inputs, requirements=("C", "W"))).to(self.device)
         x = x.unsqueeze(1).float().div_(255.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -81,14 +85,11 @@ class Segmenter:
             logits = self.model(x)
         return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """DECODED batch -> SEGMENTED batch: adds `lung_prob` (float16 (S, S) bytes) to rows without error."""
-        inputs = batch.column("model_input").to_pylist()
-        todo = [i for i, b in enumerate(inputs) if b is not None]
-        probs: list[bytes | None] = [None] * len(inputs)
-        if todo:
-            stack = np.stack([np.frombuffer(inputs[i], dtype=np.uint8).reshape(self.size, self.size) for i in todo])
-            for i, p in zip(todo, self.predict(stack)):
-                probs[i] = p.astype(np.float16).tobytes()
-        out = batch.append_column("lung_prob", pa.array(probs, type=pa.binary()))
-        return out.cast(SEGMENTED_SCHEMA)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{"model_input": uint8 (N, S, S)} -> {"lung_prob": uint8 (N, S, S)}, round(p * 255)."""
+        inputs = batch["model_input"]
+        if inputs.ndim != 3 or inputs.dtype != np.uint8 or inputs.shape[1:] != (self.size, self.size):
+            raise ValueError(f"expected model_input uint8 (N, {self.size}, {self.size}), got {inputs.dtype} {inputs.shape}")
+        if len(inputs) == 0:
+            return {"lung_prob": np.zeros_like(inputs)}
+        return {"lung_prob": probability_to_u8(self.predict(inputs))}

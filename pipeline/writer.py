@@ -1,20 +1,23 @@
-"""Exactly-once Parquet output: content-addressed shards, atomic renames, a manifest last.
+"""Exactly-once Parquet shards: content-addressed names, atomic renames, and the few reads resume needs.
 
 Layout of OUTPUT:
-    images/part-<hash>.parquet   one row per image that made it through (images_schema)
-    errors/part-<hash>.parquet   one row per input that failed (ERRORS_SCHEMA)
-    manifest.json                written last: counts, options, model, versions, finished shards
+    images/part-<hash>-NNN.parquet   one row per image that made it through (images_schema)
+    errors/part-<hash>-NNN.parquet   one row per input that failed (ERRORS_SCHEMA)
+    manifest.json                    written last (pipeline.bookkeeping)
 
 How exactly-once holds:
-- A shard's name is a hash of the sorted source paths it holds. If Ray re-runs a write task
-  (a worker died after writing, before reporting), the retry writes the same rows under the
-  same name and replaces the file: no duplicate.
-- A shard is written under a hidden temporary name (`.part-...tmp-<uuid>`, which Parquet
-  readers skip) and renamed when complete, so a killed job never leaves a half file that reads
-  as data.
-- `--resume` lists the finished shards, skips every source path they hold, and removes
-  leftover temporary files. `finalize` checks that no source path occurs twice before it writes
-  the manifest.
+- A shard's name is a hash of the sorted source paths of the rows its write task got. If Ray re-runs
+  a write task (a worker died after writing, before reporting), the retry writes the same rows under
+  the same name and replaces the file: no duplicate.
+- A shard is written under a hidden temporary name (`.part-...tmp-<uuid>`, which Parquet readers
+  skip) and renamed when complete, so a killed job never leaves a half file that reads as data.
+- Resume and the final check read only the `source_path` column of the shards
+  (`shard_source_paths`) and rewrite only a shard that holds a duplicate (`rewrite_without`).
+
+Row groups hold about `row_group_bytes` each (tens of rows of 2k images, hundreds of 256 px ones),
+so a reader can stream a shard without loading it whole. PNG columns are stored uncompressed
+(they are compressed already; snappy gained nothing and cost CPU), every other column with
+`compression`.
 """
 
 from __future__ import annotations
@@ -32,28 +35,30 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.discover import is_uri
-from pipeline.schema import ERRORS_SCHEMA
+from pipeline.schema import ERRORS_SCHEMA, images_schema
 
 log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images"
 ERRORS_DIR = "errors"
+KINDS = (IMAGES_DIR, ERRORS_DIR)
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "part-"
 TMP_PREFIX = "."
-
-SUMMARY_SCHEMA = pa.schema([
-    pa.field("kind", pa.string()),
-    pa.field("file", pa.string()),
-    pa.field("rows", pa.int64()),
-])
+ROW_OVERHEAD_BYTES = 64  # added to a row's payload bytes when sizing shards and row groups
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    rows_per_shard: int = 1000  # rows handed to one write task; a shard holds at most this many
-    max_shard_bytes: int = 256 * 1024**2  # a write task splits its rows into shards of at most ~this many bytes
-    compression: str = "snappy"  # Parquet codec (PNG payloads are already compressed)
+    rows_per_shard: int = 1000  # a shard holds at most this many rows
+    max_shard_bytes: int = 256 * 1024**2  # ... and at most about this many bytes (a single larger row stays alone)
+    row_group_bytes: int = 32 * 1024**2  # rows per Parquet row group chosen to hold about this many bytes
+    compression: str = "snappy"  # Parquet codec of the non-PNG columns
+
+    def __post_init__(self) -> None:
+        for name in ("rows_per_shard", "max_shard_bytes", "row_group_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def output_fs(output: str) -> tuple[pafs.FileSystem, str]:
@@ -68,23 +73,22 @@ def shard_name(source_paths: list[str]) -> str:
     return f"{SHARD_PREFIX}{digest[:24]}"
 
 
-def _row_bytes(table: pa.Table) -> list[int]:
-    """Approximate size of each row: the sum of its binary/string payloads plus a small constant."""
-    sizes = [64] * table.num_rows
+def row_bytes(table: pa.Table) -> list[int]:
+    """Approximate size of each row: the lengths of its binary and string values plus a small constant."""
+    total = pa.array([ROW_OVERHEAD_BYTES] * table.num_rows, pa.int64())
     for col in table.columns:
         if pa.types.is_binary(col.type) or pa.types.is_string(col.type):
-            for i, v in enumerate(col.to_pylist()):
-                sizes[i] += len(v) if v is not None else 0
-    return sizes
+            total = pc.add(total, pc.fill_null(pc.binary_length(col), 0).cast(pa.int64()))
+    return total.to_pylist()
 
 
-def split_by_bytes(table: pa.Table, max_bytes: int) -> list[pa.Table]:
-    """Consecutive slices of `table`, each at most `max_bytes` (a single larger row stays alone)."""
+def split_by_bytes(table: pa.Table, max_bytes: int, *, max_rows: int | None = None) -> list[pa.Table]:
+    """Consecutive slices of `table`, each at most `max_bytes` and `max_rows` (a single larger row stays alone)."""
     if table.num_rows == 0:
         return []
     parts, start, size = [], 0, 0
-    for i, n in enumerate(_row_bytes(table)):
-        if i > start and size + n > max_bytes:
+    for i, n in enumerate(row_bytes(table)):
+        if i > start and (size + n > max_bytes or (max_rows is not None and i - start >= max_rows)):
             parts.append(table.slice(start, i - start))
             start, size = i, 0
         size += n
@@ -92,25 +96,29 @@ def split_by_bytes(table: pa.Table, max_bytes: int) -> list[pa.Table]:
     return parts
 
 
-def write_atomic(table: pa.Table, fs: pafs.FileSystem, directory: str, name: str, *, compression: str) -> str:
-    """Write `table` to directory/name.parquet via a hidden temporary file and a rename."""
+def column_compression(schema: pa.Schema, codec: str) -> dict[str, str]:
+    """Parquet codec per column: PNG columns stored as they are, every other column with `codec`."""
+    return {f.name: "NONE" if f.name.endswith("_png") else codec for f in schema}
+
+
+def write_atomic(table: pa.Table, fs: pafs.FileSystem, directory: str, name: str, *, cfg: OutputConfig) -> str:
+    """Write `table` to directory/name.parquet via a hidden temporary file and a rename; row groups of ~cfg.row_group_bytes."""
     final = f"{directory}/{name}.parquet"
     tmp = f"{directory}/{TMP_PREFIX}{name}.parquet.tmp-{uuid.uuid4().hex}"
     fs.create_dir(directory, recursive=True)
-    pq.write_table(table, tmp, filesystem=fs, compression=compression)
+    mean_row = max(1, sum(row_bytes(table)) // max(1, table.num_rows))
+    pq.write_table(table, tmp, filesystem=fs, compression=column_compression(table.schema, cfg.compression),
+                   row_group_size=max(1, cfg.row_group_bytes // mean_row))
     fs.move(tmp, final)
     return final
 
 
-def write_shards(table: pa.Table, *, output: str, images_schema: pa.Schema, cfg: OutputConfig) -> pa.Table:
-    """One write task: split result rows into image and error shards, write them, return a summary.
-
-    `table` holds result rows (images_schema plus error_* columns). Returns SUMMARY_SCHEMA rows.
-    """
-    fs, base = output_fs(output)
-    failed = pc.is_valid(table.column("error_stage"))
-    good = table.filter(pc.invert(failed)).select(images_schema.names).cast(images_schema)
-    bad = table.filter(failed)
+def split_results(results: pa.Table, variants: tuple[str, ...]) -> dict[str, pa.Table]:
+    """Result rows (result_schema) -> {"images": images_schema rows, "errors": ERRORS_SCHEMA rows}."""
+    failed = pc.is_valid(results.column("error_stage"))
+    good_schema = images_schema(variants)
+    good = results.filter(pc.invert(failed)).select(good_schema.names).cast(good_schema)
+    bad = results.filter(failed)
     errors = pa.table({
         "source_path": bad.column("source_path"),
         "source_sha256": bad.column("source_sha256"),
@@ -118,22 +126,27 @@ def write_shards(table: pa.Table, *, output: str, images_schema: pa.Schema, cfg:
         "error_type": bad.column("error_type"),
         "message": bad.column("error_message"),
     }, schema=ERRORS_SCHEMA)
-    stem = shard_name(table.column("source_path").to_pylist())
+    return {IMAGES_DIR: good, ERRORS_DIR: errors}
+
+
+def write_results(results: pa.Table, *, output: str, variants: tuple[str, ...], cfg: OutputConfig) -> list[dict]:
+    """One write task: result rows -> image and error shards. Returns [{kind, file, rows}] per shard written."""
+    fs, base = output_fs(output)
+    stem = shard_name(results.column("source_path").to_pylist())
     summary = []
-    for kind, directory, rows in ((IMAGES_DIR, f"{base}/{IMAGES_DIR}", good), (ERRORS_DIR, f"{base}/{ERRORS_DIR}", errors)):
-        for k, part in enumerate(split_by_bytes(rows, cfg.max_shard_bytes)):
-            path = write_atomic(part, fs, directory, f"{stem}-{k:03d}", compression=cfg.compression)
+    for kind, rows in split_results(results, variants).items():
+        for k, part in enumerate(split_by_bytes(rows, cfg.max_shard_bytes, max_rows=cfg.rows_per_shard)):
+            path = write_atomic(part, fs, f"{base}/{kind}", f"{stem}-{k:03d}", cfg=cfg)
             summary.append({"kind": kind, "file": posixpath.basename(path), "rows": part.num_rows})
-    return pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
+    return summary
 
 
 def list_shards(output: str) -> dict[str, list[str]]:
-    """Finished shard paths under OUTPUT, by kind ("images", "errors"); temporary files excluded."""
+    """Finished shard paths under OUTPUT, by kind ("images", "errors"), in name order; temporary files excluded."""
     fs, base = output_fs(output)
-    found: dict[str, list[str]] = {IMAGES_DIR: [], ERRORS_DIR: []}
+    found: dict[str, list[str]] = {kind: [] for kind in KINDS}
     for kind, paths in found.items():
-        info = fs.get_file_info(f"{base}/{kind}")
-        if info.type != pafs.FileType.Directory:
+        if fs.get_file_info(f"{base}/{kind}").type != pafs.FileType.Directory:
             continue
         for entry in fs.get_file_info(pafs.FileSelector(f"{base}/{kind}")):
             if entry.base_name.startswith(SHARD_PREFIX) and entry.base_name.endswith(".parquet"):
@@ -146,7 +159,7 @@ def remove_temporary_files(output: str) -> int:
     """Delete half-written shards left by a killed run. Returns how many were removed."""
     fs, base = output_fs(output)
     removed = 0
-    for kind in (IMAGES_DIR, ERRORS_DIR):
+    for kind in KINDS:
         if fs.get_file_info(f"{base}/{kind}").type != pafs.FileType.Directory:
             continue
         for entry in fs.get_file_info(pafs.FileSelector(f"{base}/{kind}")):
@@ -156,46 +169,29 @@ def remove_temporary_files(output: str) -> int:
     return removed
 
 
-def done_source_paths(output: str) -> dict[str, list[str]]:
-    """source_path values held by the finished shards, by kind, in shard order (duplicates kept)."""
+def shard_source_paths(output: str) -> dict[str, dict[str, list[str]]]:
+    """{kind: {shard path: its source_path values in row order}}, reading that one column only."""
     fs, _ = output_fs(output)
-    done: dict[str, list[str]] = {}
-    for kind, paths in list_shards(output).items():
-        values: list[str] = []
-        for path in paths:
-            values += pq.read_table(path, columns=["source_path"], filesystem=fs).column("source_path").to_pylist()
-        done[kind] = values
-    return done
+    return {
+        kind: {p: pq.read_table(p, columns=["source_path"], filesystem=fs).column("source_path").to_pylist() for p in paths}
+        for kind, paths in list_shards(output).items()
+    }
 
 
-def remove_duplicate_rows(output: str) -> int:
-    """Make every source_path occur in one finished shard only. Returns how many rows were removed.
+def rewrite_without(output: str, kind: str, path: str, drop: list[int], *, cfg: OutputConfig) -> tuple[str | None, list[str]]:
+    """Rewrite one shard without the rows at indices `drop`, atomically, under the name of what it still holds.
 
-    Duplicates arise only when two runs wrote the same input into differently composed shards,
-    e.g. workers of a killed driver that finished a write after `--resume` had started. The first
-    occurrence wins: images shards before errors shards, each in name order. A shard that holds
-    any later occurrence is rewritten without those rows (atomically, under the name of what it
-    still holds), or deleted when nothing is left.
+    Returns (new shard path, its source paths), or (None, []) when nothing was left and the shard was deleted.
     """
     fs, base = output_fs(output)
-    seen: set[str] = set()
-    removed = 0
-    for kind, paths in list_shards(output).items():
-        for path in paths:
-            table = pq.read_table(path, filesystem=fs)
-            sources = table.column("source_path").to_pylist()
-            keep = [p not in seen for p in sources]
-            seen.update(sources)
-            if all(keep):
-                continue
-            removed += keep.count(False)
-            rest = table.filter(pa.array(keep))
-            if rest.num_rows:  # a new name: the hash of a strict subset differs from the old one
-                name = f"{shard_name(rest.column('source_path').to_pylist())}-000"
-                write_atomic(rest, fs, f"{base}/{kind}", name, compression=OutputConfig.compression)
-            fs.delete_file(path)
-            log.warning("removed %d duplicated rows from %s", keep.count(False), posixpath.basename(path))
-    return removed
+    table = pq.read_table(path, filesystem=fs)
+    dropped = set(drop)
+    rest = table.filter(pa.array([i not in dropped for i in range(table.num_rows)]))
+    new_path, paths = None, rest.column("source_path").to_pylist()
+    if rest.num_rows:  # a new name: the hash of a strict subset differs from the old one
+        new_path = write_atomic(rest, fs, f"{base}/{kind}", f"{shard_name(paths)}-000", cfg=cfg)
+    fs.delete_file(path)
+    return new_path, paths
 
 
 def output_is_empty(output: str) -> bool:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.evaluate import dice
-from pipeline.model import DEFAULT_WEIGHTS, load_model, prepare_input, save_model
+from pipeline.model import DEFAULT_WEIGHTS, load_model, save_model
+from pipeline.model_input import prepare_input
 from pipeline.refine import RefineConfig, refine_mask
 from pipeline.training import VAL, PairSet, load_pairs
 

@@ -10,7 +10,13 @@ import cv2
 import numpy as np
 import pytest
 from corpus import bomb_png, encode, make_bad_corpus, phantom_xray, write_dicom
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from pipeline.decode import (
     DecodeConfig,
@@ -141,34 +147,78 @@ def test_dicom_pixel_limit_checked_from_header(tmp_path):
 # ----------------------------------------------------------------------------- raster paths
 
 
-def test_png_8bit_scales_by_257():
+def test_png_8bit_stays_8bit():
     img = _tile(np.array([[0, 1], [128, 255]], np.uint8))
     d = decode_image(encode(".png", img), source="a.png")
     assert (d.format, d.bits_stored, d.notes) == ("png", 8, ())
-    np.testing.assert_array_equal(d.pixels[::32, ::32], [[0, 257], [32896, 65535]])
+    assert d.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(d.pixels, img)
 
 
 def test_png_16bit_kept_exactly():
     img = phantom_xray(64, 64)
+    assert img.max() >= 1 << 15  # uses the top bit: nothing to rescale
     d = decode_image(encode(".png", img), source="a.png")
     assert d.bits_stored == 16
     np.testing.assert_array_equal(d.pixels, img)
 
 
+def with_sbit(png: bytes, bits: int) -> bytes:
+    """The PNG with an sBIT chunk (gray significant bits) inserted after IHDR."""
+    import struct
+    import zlib
+
+    chunk = struct.pack(">I", 1) + b"sBIT" + bytes([bits]) + struct.pack(">I", zlib.crc32(b"sBIT" + bytes([bits])))
+    return png[:33] + chunk + png[33:]
+
+
+def test_16bit_png_holding_12bit_data_is_spread_over_the_full_range():
+    """PadChest-style exports: 12-bit values stored unscaled in a 16-bit PNG, with or without sBIT."""
+    stored = _tile(np.array([[0, 1], [2048, 4095]], np.uint16))
+    for data in (encode(".png", stored), with_sbit(encode(".png", stored), 12)):
+        d = decode_image(data, source="a.png")
+        assert d.bits_stored == 12 and d.pixels.dtype == np.uint16
+        np.testing.assert_array_equal(d.pixels[::32, ::32], [[0, 16], [32776, 65535]])
+    dark_12bit = _tile(np.array([[0, 10], [100, 1000]], np.uint16))  # sBIT says 12 though no value reaches 2**11
+    d = decode_image(with_sbit(encode(".png", dark_12bit), 12), source="a.png")
+    assert d.bits_stored == 12 and d.pixels.max() == round(1000 * 65535 / 4095)
+
+
+def test_16bit_png_already_scaled_as_sbit_asks_is_kept():
+    """An encoder that followed the PNG spec shifted 12-bit data up: values use the top bits, keep them."""
+    scaled = _tile(np.array([[0, 16], [32768, 65520]], np.uint16))
+    d = decode_image(with_sbit(encode(".png", scaled), 12), source="a.png")
+    assert d.bits_stored == 12
+    np.testing.assert_array_equal(d.pixels, scaled)
+
+
+def test_low_bit_16bit_png_gives_8bit_variants_with_all_grey_levels():
+    """The bug this guards against: keeping the high byte of 12-bit data left 16 grey levels."""
+    from pipeline.variants import to_bit_depth
+
+    ramp = np.tile(np.arange(4096, dtype=np.uint16), (32, 1))
+    d = decode_image(encode(".png", ramp), source="ramp.png")
+    assert len(np.unique(to_bit_depth(d.pixels, 8))) == 256
+
+
 def test_jpeg_decodes_close_to_source():
     img = (phantom_xray(64, 64) >> 8).astype(np.uint8)
     d = decode_image(encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100]), source="a.jpg")
-    assert d.format == "jpeg" and d.bits_stored == 8
-    assert np.abs(d.pixels.astype(int) // 257 - img).max() <= 8
+    assert d.format == "jpeg" and d.bits_stored == 8 and d.pixels.dtype == np.uint8
+    assert np.abs(d.pixels.astype(int) - img).max() <= 8
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_tiff_8_and_16_bit(dtype):
-    img = _tile(np.array([[0, 10], [100, 200]], dtype))
-    d = decode_image(encode(".tiff", img), source="a.tiff")
-    scale = 257 if dtype == np.uint8 else 1
-    assert d.format == "tiff" and d.bits_stored == (8 if dtype == np.uint8 else 16)
-    np.testing.assert_array_equal(d.pixels[::32, ::32], np.array([[0, 10], [100, 200]]) * scale)
+    values = np.array([[0, 10], [100, 200]]) * (1 if dtype == np.uint8 else 300)
+    d = decode_image(encode(".tiff", _tile(values.astype(dtype))), source="a.tiff")
+    assert d.format == "tiff" and d.pixels.dtype == dtype
+    if dtype == np.uint8:
+        assert d.bits_stored == 8
+        np.testing.assert_array_equal(d.pixels[::32, ::32], values)
+    else:  # 60000 needs 16 bits: kept as it is
+        assert d.bits_stored == 16
+        np.testing.assert_array_equal(d.pixels[::32, ::32], values)
 
 
 def test_big_endian_tiff_header_is_read():
@@ -252,7 +302,7 @@ def test_bad_corpus_item(bad_corpus, name, outcome):
     path = root / name
     if outcome == "ok":
         d = decode_image(path.read_bytes(), source=name)
-        assert d.pixels.dtype == np.uint16 and d.pixels.ndim == 2 and d.pixels.max() > d.pixels.min()
+        assert d.pixels.dtype in (np.uint8, np.uint16) and d.pixels.ndim == 2 and d.pixels.max() > d.pixels.min()
     else:
         with pytest.raises(DecodeError) as e:
             decode_image(path.read_bytes(), source=name)

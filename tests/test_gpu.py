@@ -8,7 +8,7 @@ from conftest import SAMPLES
 
 from pipeline.decode import decode_image
 from pipeline.evaluate import iou
-from pipeline.model import prepare_input
+from pipeline.model_input import prepare_input
 from pipeline.segment import Segmenter
 
 pytestmark = pytest.mark.gpu

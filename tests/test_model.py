@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import (
-    DEFAULT_WEIGHTS,
-    NORMALIZATION_EQUALIZE_U8,
-    ModelMeta,
-    load_model,
-    model_checksum,
-    prepare_input,
-    read_model_meta,
-    save_model,
-)
+from pipeline.model import DEFAULT_WEIGHTS, load_model, read_weights, save_model
+from pipeline.model_input import NORMALIZATION_EQUALIZE_U8, ModelMeta, prepare_input
 from pipeline.unet import UNetConfig, build_unet, count_parameters
 
 SMALL = UNetConfig(base_width=4, depth=2)
@@ -73,7 +65,7 @@ def test_save_load_round_trip(tmp_path):
 
     loaded, meta2 = load_model(path)
     assert meta2 == meta
-    assert read_model_meta(path) == meta
+    assert read_weights(path).meta == meta
     assert not loaded.training
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.rand(1, 1, 32, 32)
@@ -84,12 +76,22 @@ def test_save_load_round_trip(tmp_path):
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
 
 
-def test_checksum_stable(tmp_path):
-    model = build_unet(SMALL)
+def test_weights_are_read_once_with_their_identity(tmp_path):
+    """read_weights: the file's bytes, their sha256 and its meta; a model loads from them with no file."""
+    import hashlib
+
+    model = build_unet(SMALL).eval()
     save_model(tmp_path / "a.pt", model, _meta())
-    c1 = model_checksum(tmp_path / "a.pt")
-    assert c1 == model_checksum(tmp_path / "a.pt")
-    assert len(c1) == 64 and int(c1, 16) >= 0
+    weights = read_weights(tmp_path / "a.pt")
+    assert weights.sha256 == hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest()
+    assert weights.meta == _meta() and weights.sha256 == read_weights(tmp_path / "a.pt").sha256
+    (tmp_path / "a.pt").unlink()
+    loaded, meta = load_model(weights)
+    assert meta == _meta()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=5e-2)
+    assert "sha256=" in repr(weights) and len(repr(weights)) < 200  # the bytes are not printed
 
 
 def test_load_errors(tmp_path):
@@ -107,7 +109,7 @@ def test_load_errors(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(ValueError, match="expected format"):
-        read_model_meta(foreign)
+        read_weights(foreign)
 
 
 def test_prepare_input_uint8_and_uint16_identical():

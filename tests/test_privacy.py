@@ -1,4 +1,5 @@
-"""Nothing identifying leaves decode: allowlisted attributes only; keyed, stable pseudonyms."""
+"""Nothing identifying leaves decoding and privacy: the decoder hands over only the header values privacy
+names, and privacy turns them into allowlisted attributes and keyed, stable pseudonyms."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from corpus import PHI_VALUES, phantom_xray, write_dicom, write_phi_dicom
 from pipeline.decode import decode_image
 from pipeline.privacy import (
     DICOM_ALLOWLIST,
+    HEADER_KEYWORDS,
     allowlisted_attributes,
     hashed_path,
+    header_columns,
     pseudonym,
     pseudonymous_ids,
 )
@@ -34,17 +37,26 @@ def test_phi_file_really_carries_phi(tmp_path):
     assert not missing and len(values) >= 25
 
 
-def test_no_phi_in_attributes_or_notes(phi_decoded):
+def test_the_decoder_hands_over_only_the_named_header_values(phi_decoded):
     decoded, values = phi_decoded
-    text = repr(decoded.attributes) + repr(decoded.notes) + decoded.format
-    leaked = [v for v in values if v in text]
-    assert not leaked
-    assert set(decoded.attributes) == set(DICOM_ALLOWLIST.values())
+    assert set(decoded.header) == set(HEADER_KEYWORDS)
+    text = repr(decoded) + repr(decoded.notes) + decoded.format  # the header is not even in the repr
+    assert not [v for v in values if v in text]
+    raw = repr({k: v for k, v in decoded.header.items() if k not in ("PatientID", "StudyInstanceUID", "SOPInstanceUID")})
+    assert not [v for v in values if v in raw]  # the allowlisted keywords carry nothing identifying
+
+
+def test_no_phi_in_the_output_columns(phi_decoded):
+    decoded, values = phi_decoded
+    columns = header_columns(decoded.header, KEY)
+    assert not [v for v in values if v in repr(columns)]
+    assert set(columns) == set(DICOM_ALLOWLIST.values()) | {"pseudo_patient_id", "pseudo_study_id", "pseudo_image_id"}
 
 
 def test_attributes_are_plain_python(phi_decoded):
     decoded, _ = phi_decoded
-    assert decoded.attributes == {
+    attributes = allowlisted_attributes(decoded.header)
+    assert attributes == {
         "dicom_modality": "DX",
         "dicom_view_position": "PA",
         "dicom_photometric_interpretation": "MONOCHROME2",
@@ -53,8 +65,8 @@ def test_attributes_are_plain_python(phi_decoded):
         "dicom_rows": 64,
         "dicom_columns": 64,
     }
-    assert type(decoded.attributes["dicom_pixel_spacing"]) is list
-    assert all(type(v) is float for v in decoded.attributes["dicom_pixel_spacing"])
+    assert type(attributes["dicom_pixel_spacing"]) is list
+    assert all(type(v) is float for v in attributes["dicom_pixel_spacing"])
 
 
 def test_missing_attributes_are_none(tmp_path):
@@ -70,13 +82,12 @@ def test_missing_attributes_are_none(tmp_path):
 
 def test_identifiers_are_raw_and_only_for_hashing(phi_decoded):
     decoded, _ = phi_decoded
-    assert decoded.identifiers == {
-        "PatientID": PHI_VALUES["PatientID"],
-        "StudyInstanceUID": PHI_VALUES["StudyInstanceUID"],
-        "SOPInstanceUID": PHI_VALUES["SOPInstanceUID"],
-    }
-    ids = pseudonymous_ids(decoded.identifiers, KEY)
-    assert not [v for v in PHI_VALUES.values() if v in repr(ids)]
+    columns = header_columns(decoded.header, KEY)
+    assert columns["pseudo_patient_id"] == pseudonym(PHI_VALUES["PatientID"], KEY)
+    assert columns["pseudo_study_id"] == pseudonym(PHI_VALUES["StudyInstanceUID"], KEY)
+    assert columns["pseudo_image_id"] == pseudonym(PHI_VALUES["SOPInstanceUID"], KEY)
+    unkeyed = header_columns(decoded.header, None)
+    assert unkeyed["pseudo_patient_id"] is None and unkeyed["dicom_modality"] == "DX"
 
 
 def test_pseudonym_is_hmac_sha256_stable_and_key_dependent():
@@ -111,4 +122,5 @@ def test_non_dicom_has_no_attributes_or_identifiers(tmp_path):
     from corpus import encode
 
     decoded = decode_image(encode(".png", (phantom_xray(64, 64) >> 8).astype("uint8")), source="a.png")
-    assert decoded.attributes == {} and decoded.identifiers == {}
+    assert decoded.header == {}
+    assert set(header_columns(decoded.header, KEY).values()) == {None}

@@ -77,7 +77,10 @@ class CrashOnceSegmenter(Segmenter):
         return super().__call__(batch)
 
 
-def test_a_dying_segmenter_actor_loses_and_duplicates_nothing(ray_local, tmp_path):
+@pytest.mark.parametrize("layout", ["model in the workers", "segmenter pool"])
+def test_a_dying_segmenter_loses_and_duplicates_nothing(ray_local, tmp_path, layout):
+    """The process running the model dies mid-run: a CPU worker (Ray Data restarts it and re-runs its
+    block) or a pool actor, as on a lost GPU node (Ray restarts it and retries the call)."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -89,10 +92,12 @@ def test_a_dying_segmenter_actor_loses_and_duplicates_nothing(ray_local, tmp_pat
             super().__init__(*args, marker=str(marker), **kwargs)
 
     out = tmp_path / "out"
-    cfg = JobConfig(inputs=(str(tmp_path / "in"),), output=str(out), variants=("masked",),
-                    segment=SegmentConfig(batch_size=2, max_actors=1), out=OutputConfig(rows_per_shard=3))
+    pool = layout == "segmenter pool"
+    cfg = JobConfig(inputs=(str(tmp_path / "in"),), output=str(out), variants=("masked",), workers=2, task_files=3,
+                    segment=SegmentConfig(batch_size=1, pool=pool, actors=1 if pool else None),
+                    out=OutputConfig(rows_per_shard=3))
     manifest = run_job(cfg, segmenter=Doomed)
-    assert marker.exists(), "the actor never crashed: the test did not test anything"
+    assert marker.exists(), "the segmenter never crashed: the test did not test anything"
     assert source_paths(out) == Counter(names)
     assert manifest["complete"] and manifest["counts"]["ok"] == len(names)
 

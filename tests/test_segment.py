@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from conftest import SAMPLES
 
 from pipeline.decode import decode_image
 from pipeline.evaluate import dice, read_mask
-from pipeline.model import DEFAULT_WEIGHTS, prepare_input, read_model_meta
+from pipeline.model import DEFAULT_WEIGHTS, read_weights
+from pipeline.model_input import prepare_input, probability_to_u8
 from pipeline.refine import refine_mask
-from pipeline.schema import DECODED_SCHEMA, SEGMENTED_SCHEMA
 from pipeline.segment import Segmenter, cpu_has_native_bf16
 
 # Floors for the shipped model on the bundled samples (source resolution, after refinement).
@@ -41,29 +40,23 @@ def labelled_samples():
 def test_shipped_weights_are_in_the_package_and_small():
     assert DEFAULT_WEIGHTS.is_file()
     assert DEFAULT_WEIGHTS.stat().st_size < 10 * 2**20
-    meta = read_model_meta()
+    meta = read_weights().meta
     assert meta.metrics and meta.training, "the shipped model must say how it was trained and measured"
 
 
-def test_segmenter_adds_probabilities_and_passes_error_rows_through(segmenter):
+def test_segmenter_batch_contract(segmenter):
+    """{"model_input": uint8 (N, S, S)} -> {"lung_prob": uint8 (N, S, S)}, the rounded probability x255."""
     s = segmenter.size
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(3):
-        row = {name: None for name in DECODED_SCHEMA.names}
-        row["source_path"] = f"{i}.png"
-        if i == 1:
-            row.update(error_stage="decode", error_type="DecodeError", error_message="bad")
-        else:
-            row["model_input"] = rng.integers(0, 256, (s, s), dtype=np.uint8).tobytes()
-        rows.append(row)
-    out = segmenter(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA))
-    assert out.schema.equals(SEGMENTED_SCHEMA)
-    probs = out.column("lung_prob").to_pylist()
-    assert probs[1] is None
-    for p in (probs[0], probs[2]):
-        a = np.frombuffer(p, np.float16).reshape(s, s)
-        assert a.min() >= 0 and a.max() <= 1
+    x = np.random.default_rng(0).integers(0, 256, (3, s, s), dtype=np.uint8)
+    out = segmenter({"model_input": x})
+    assert set(out) == {"lung_prob"}
+    assert out["lung_prob"].dtype == np.uint8 and out["lung_prob"].shape == (3, s, s)
+    np.testing.assert_array_equal(out["lung_prob"], probability_to_u8(segmenter.predict(x)))
+    assert segmenter({"model_input": x[:0]})["lung_prob"].shape == (0, s, s)
+    with pytest.raises(ValueError, match="model_input uint8"):
+        segmenter({"model_input": x[:, :10]})
+    with pytest.raises(ValueError, match="model_input uint8"):
+        segmenter({"model_input": x.astype(np.float32)})
 
 
 def _sample_masks(segmenter: Segmenter) -> dict[str, tuple[np.ndarray, np.ndarray]]:

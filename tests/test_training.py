@@ -13,12 +13,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from corpus import phantom_xray, write_dicom
 
-from pipeline.model import load_model, model_checksum, read_model_meta
+from pipeline.decode import decode_image
+from pipeline.model import load_model, read_weights
+from pipeline.model_input import ModelMeta
 from pipeline.training import (
     TRAIN,
     VAL,
     AugmentConfig,
+    PairDataset,
     TrainConfig,
     augment_geometry,
     augment_intensity,
@@ -98,6 +102,43 @@ def test_load_pairs_folder_and_manifest(pair_folder):
     assert m.names == ["case (0)", "case (1)", "case (3)", "case (4)"]
     assert m.split == [TRAIN, VAL, TRAIN, VAL]
     np.testing.assert_array_equal(m.masks[1], cv2.imread(str(pair_folder / "masks/case (1).png"), 0) > 0)
+
+
+def test_image_files_are_read_with_the_jobs_decoder(tmp_path):
+    """A MONOCHROME1 DICOM and a 16-bit PNG load as pipeline.decode reads them; an 8-bit image and the same
+    image stored as 16 bit (x257) give identical model inputs, with and without augmentation."""
+    phantom = phantom_xray(64, 64)  # uint16, lungs 12000..15000
+    lungs = ((phantom >= 12000) & (phantom < 16000)).astype(np.uint8) * 255
+    u8 = (phantom >> 8).astype(np.uint8)
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    write_dicom(root / "images" / "a.dcm", pixels=4095 - (phantom >> 4), photometric="MONOCHROME1", bits_stored=12)
+    cv2.imwrite(str(root / "images" / "b.png"), phantom)
+    cv2.imwrite(str(root / "images" / "c.png"), u8)
+    cv2.imwrite(str(root / "images" / "d.png"), u8.astype(np.uint16) * 257)
+    for stem in "abcd":
+        cv2.imwrite(str(root / "masks" / f"{stem}.png"), lungs)
+
+    pairs = load_pairs(root, val_fraction=0.0)
+    assert pairs.names == ["a", "b", "c", "d"] and pairs.split == [TRAIN] * 4
+    for name, img in zip(pairs.names, pairs.images):
+        path = next((root / "images").glob(f"{name}.*"))
+        np.testing.assert_array_equal(img, decode_image(path.read_bytes(), source=str(path)).pixels)
+    dicom, png16, png8, png8_as_16 = pairs.images
+    assert dicom.dtype == np.uint16 and dicom[lungs > 0].mean() < dicom[32, 32]  # inverted: lungs dark again
+    np.testing.assert_array_equal(png16, phantom)
+    assert png8.dtype == np.uint8 and png8_as_16.dtype == np.uint16
+    np.testing.assert_array_equal(png8_as_16, png8.astype(np.uint16) * 257)
+    for mask in pairs.masks:
+        np.testing.assert_array_equal(mask, lungs > 0)
+
+    meta = ModelMeta(name="t", input_size=32, normalization="equalize-u8", threshold=0.5)
+    for augment in (None, AugmentConfig()):
+        ds8 = PairDataset([png8], [pairs.masks[2]], meta, augment=augment, seed=3)
+        ds16 = PairDataset([png8_as_16], [pairs.masks[3]], meta, augment=augment, seed=3)
+        for _ in range(3):  # the same random stream on both sides
+            torch.testing.assert_close(ds8[0], ds16[0], rtol=0, atol=0)
 
 
 def test_pack_round_trip(pair_folder, tmp_path):
@@ -187,7 +228,7 @@ def test_local_train_lowers_loss_and_saves_loadable_model(pair_folder, tmp_path)
                       checkpoint_dir=str(tmp_path / "ck"), command="test", **TINY_ARCH)
     result = train(cfg)
     assert result["epochs"] == 4
-    meta = read_model_meta(out)
+    meta = read_weights(out).meta
     history = meta.training["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert meta.input_size == 32 and meta.arch["base_width"] == 4 and meta.training["epochs"] == 4
@@ -203,7 +244,7 @@ def test_resume_continues_from_checkpoint(pair_folder, tmp_path):
     train(TrainConfig(epochs=1, **base))
     result = train(TrainConfig(epochs=2, resume=True, **base))
     assert result["epochs"] == 2
-    assert [h["epoch"] for h in read_model_meta(tmp_path / "m.pt").training["history"]] == [1, 2]
+    assert [h["epoch"] for h in read_weights(tmp_path / "m.pt").meta.training["history"]] == [1, 2]
 
 
 def test_time_budget_stops_training(pair_folder, tmp_path):
@@ -237,9 +278,6 @@ def test_recompute_batchnorm_gives_the_plain_mean_and_variance():
 
 
 def test_batchnorm_images_are_augmented_like_training(pair_folder):
-    from pipeline.model import ModelMeta
-    from pipeline.training import PairDataset
-
     pairs = load_pairs(pair_folder, val_fraction=0.25)
     meta = ModelMeta(name="t", input_size=32, normalization="equalize-u8", threshold=0.5,
                      arch={"base_width": 4, "depth": 2})
@@ -264,7 +302,7 @@ def test_fine_tuning_starts_from_the_given_weights(pair_folder, tmp_path):
     train(cfg)
     tuned, meta = load_model(tuned_path)
     assert meta.arch["base_width"] == 4
-    assert meta.training["fine_tuned_from"]["sha256"] == model_checksum(base)
+    assert meta.training["fine_tuned_from"]["sha256"] == read_weights(base).sha256
     weights = lambda m: {k: v for k, v in m.state_dict().items() if "running" not in k and "num_batches" not in k}
     for name, value in weights(start).items():
         torch.testing.assert_close(weights(tuned)[name], value, rtol=1e-3, atol=1e-4)
@@ -283,19 +321,21 @@ def test_weight_averaging_keeps_the_average_across_resume(pair_folder, tmp_path)
     train(TrainConfig(epochs=3, resume=True, **base))
     ckpt = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert int(ckpt["averaged"]["n_averaged"]) == 3
-    meta = read_model_meta(tmp_path / "m.pt")
+    meta = read_weights(tmp_path / "m.pt").meta
     assert meta.training["schedule"] == "one cosine cycle per epoch, weight averaging"
     assert {h["lr"] for h in meta.training["history"]} == {round(TrainConfig(data="", out="").lr * 0.01, 5)}  # cycle ends
 
 
-def test_local_backend_needs_neither_ray_nor_pydicom(pair_folder, tmp_path):
-    """jobs/train.py --backend local with ray and pydicom made unimportable."""
+def test_local_backend_trains_a_packed_file_without_ray_or_pydicom(pair_folder, tmp_path):
+    """jobs/train.py --backend local on a packed .npz with ray and pydicom made unimportable (the GPU image)."""
+    packed = tmp_path / "packed.npz"
+    _load_job("pack_pairs").pack(str(pair_folder), packed, size=48, val_fraction=0.25)
     code = (
         "import sys; sys.modules['ray'] = None; sys.modules['pydicom'] = None\n"
         "import runpy; sys.argv = ['jobs/train.py'] + sys.argv[1:]\n"
         "runpy.run_path('jobs/train.py', run_name='__main__')\n"
     )
-    args = ["--backend", "local", "--data", str(pair_folder), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+    args = ["--backend", "local", "--data", str(packed), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
             "--input-size", "32", "--base-width", "4", "--depth", "2", "--loader-workers", "0"]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -310,7 +350,7 @@ def test_ray_backend_one_cpu_worker(ray_local, pair_folder, tmp_path):
     cfg = TrainConfig(data=str(pair_folder), out=str(tmp_path / "m.pt"), epochs=1, limit=8, val_fraction=0.25,
                       **TINY_ARCH)
     job.run_ray(cfg, workers=1, gpu="no")
-    meta = read_model_meta(tmp_path / "m.pt")
+    meta = read_weights(tmp_path / "m.pt").meta
     assert meta.training["world_size"] == 1 and meta.training["epochs"] == 1
 
 

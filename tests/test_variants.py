@@ -17,8 +17,6 @@ from pipeline.variants import (
     apply_mask,
     clahe,
     crop_box,
-    decode_png,
-    encode_png,
     equalize,
     make_variant,
     make_variants,
@@ -372,10 +370,29 @@ def test_make_variants_matches_make_variant(img16, mask):
 def test_make_variants_rejects_unknown_name_and_wrong_dtype(img16, mask):
     with pytest.raises(ValueError, match="unknown variant 'lungs'"):
         make_variants(img16, mask, ["masked", "lungs"], VariantConfig())
-    with pytest.raises(ValueError, match="uint16"):
-        make_variants(img16.astype(np.uint8), mask, ["full"], VariantConfig())
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        make_variants(img16.astype(np.float32), mask, ["full"], VariantConfig())
     with pytest.raises(ValueError, match="shape"):
         make_variants(img16, mask[:10], ["full"], VariantConfig())
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_an_8_bit_source_gives_the_variants_of_its_16_bit_twin(img16, mask, bit_depth):
+    """Decoding keeps 8-bit sources as uint8; the variants are those of the same image spread x257."""
+    img8 = (img16 >> 8).astype(np.uint8)
+    cfg = VariantConfig(bit_depth=bit_depth)
+    from8, from16 = make_variants(img8, mask, ALL_NAMES, cfg), make_variants(img8.astype(np.uint16) * 257, mask, ALL_NAMES, cfg)
+    for name in ALL_NAMES:
+        np.testing.assert_array_equal(from8[name], from16[name], err_msg=name)
+
+
+def test_masked_crop_eq_is_the_crop_of_masked_eq(img16, mask):
+    """The crop holds every lung pixel, so the two share one equalization mapping."""
+    out = make_variants(img16, mask, ["masked_eq", "masked_crop_eq", "masked_crop"], VariantConfig(crop_margin_frac=0.0))
+    ys, xs = np.nonzero(mask)
+    crop = out["masked_eq"][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    np.testing.assert_array_equal(out["masked_crop_eq"], crop)
+    assert out["masked_crop_eq"].shape == out["masked_crop"].shape
 
 
 def test_make_variants_does_not_modify_inputs(img16, mask):
@@ -383,35 +400,3 @@ def test_make_variants_does_not_modify_inputs(img16, mask):
     make_variants(img16, mask, ALL_NAMES, VariantConfig(bit_depth=16))
     np.testing.assert_array_equal(img16, img_copy)
     np.testing.assert_array_equal(mask, mask_copy)
-
-
-# --- PNG ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_png_round_trip_exact(dtype):
-    rng = np.random.default_rng(4)
-    img = rng.integers(0, np.iinfo(dtype).max, (17, 23), endpoint=True).astype(dtype)
-    data = encode_png(img)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    back = decode_png(data)
-    assert back.dtype == dtype
-    np.testing.assert_array_equal(back, img)
-
-
-def test_png_round_trip_of_a_variant_slice(img16, mask):
-    out = make_variant(img16, mask, parse_variant("masked_crop"), VariantConfig(bit_depth=16))
-    np.testing.assert_array_equal(decode_png(encode_png(out)), out)
-
-
-@pytest.mark.parametrize(
-    "img", [np.zeros((4, 4), np.float32), np.zeros((4, 4), np.int16), np.zeros((4, 4, 3), np.uint8)]
-)
-def test_encode_png_rejects_other_inputs(img):
-    with pytest.raises(ValueError, match="uint8 or uint16"):
-        encode_png(img)
-
-
-def test_decode_png_rejects_garbage():
-    with pytest.raises(ValueError, match="PNG"):
-        decode_png(b"not a png")
