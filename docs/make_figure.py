@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
 from pipeline.png import decode_png
+from pipeline.variants import to_bit_depth
 
 TILE_PX = 220  # side of one tile
 
@@ -41,7 +42,7 @@ def main(output: str, figure: str, *names: str) -> None:
     for name in names:
         r = rows[name]
         src = Path("samples/xrays", name)
-        source = (decode_image(src.read_bytes(), source=name).pixels >> 8).astype(np.uint8)
+        source = to_bit_depth(decode_image(src.read_bytes(), source=name).pixels, 8)
         mask = decode_png(r["mask_png"])
         over = cv2.cvtColor(source, cv2.COLOR_GRAY2BGR)
         over[mask > 0] = (0.6 * over[mask > 0] + 0.4 * np.array([0, 0, 255])).astype(np.uint8)

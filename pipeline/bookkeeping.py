@@ -103,8 +103,10 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def finalize(cfg: JobConfig, files: list[SourceFile], weights: Weights, *, processed: int, started: float) -> dict:
+def finalize(cfg: JobConfig, files: list[SourceFile], weights: Weights, *, run: dict, started: float) -> dict:
     """Check that every input is in the output exactly once, then write and return the manifest.
+
+    `run`: what this run did, for its record in `runs` (at least {"processed": inputs it processed}).
 
     Raises JobError (after writing the manifest, `complete: false`) when an input is missing or duplicated.
     """
@@ -136,8 +138,8 @@ def finalize(cfg: JobConfig, files: list[SourceFile], weights: Weights, *, proce
         "runs": previous.get("runs", []) + [{
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(wall, 3),
-            "processed": processed,
             "resumed": cfg.resume,
+            **run,
         }],
         "shards": {kind: sorted(p.rsplit("/", 1)[-1] for p in sources[kind]) for kind in KINDS},
     }

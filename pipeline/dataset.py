@@ -6,15 +6,15 @@
              [segment] = the model in the worker itself (CPU nodes), or a call to the segmenter
                          pool, GPU actors that get uint8 S x S inputs and return uint8 S x S
                          probabilities (GPU nodes)
-      -> write tasks: the driver groups the workers' output blocks by their metadata, <= rows_per_shard
-             rows and ~max_shard_bytes, never touching the bytes itself
+      -> shard writers (actors): the driver groups the workers' output blocks by their metadata,
+             <= rows_per_shard rows and ~max_shard_bytes, never touching the bytes itself
       -> finalize (pipeline.bookkeeping)
 
 Why this shape (measured in docs/BENCHMARKS.md): the full-resolution pixels never leave the worker
 that decoded them, so nothing but 64 KB in and 64 KB out per image crosses to a GPU node, and nothing
 grows in the object store ahead of the GPU pool; on a CPU node every core runs whole images with no
 stage waiting on another. Output blocks wait in the object store only until a shard's worth is
-there, and at most `writes_in_flight` shards are being written at once.
+there, and at most two shards per writer are being written or queued at once.
 
 `build_dataset` returns the lazy Dataset of result rows for users who compose their own pipeline;
 `run_job` adds resume, the exactly-once write and the manifest.
@@ -29,7 +29,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
@@ -44,11 +44,10 @@ from pipeline.writer import OutputConfig, write_results
 
 log = logging.getLogger(__name__)
 
-WRITES_PER_WORKERS = 8  # one shard write in flight per this many workers (at least MIN_WRITES_IN_FLIGHT)
-MIN_WRITES_IN_FLIGHT = 2
+WRITERS_PER_WORKERS = 16  # one shard writer per this many workers, at least one (a writer writes ~1 GB/s locally)
 TAIL_SHARE = 2  # a block holds at most 1 / (TAIL_SHARE * workers) of the work left (see source_blocks)
 CALLS_QUEUED_PER_WORKER = 2  # a worker starts its next block as soon as one ends
-WRITE_RETRIES = 3  # a write task is retried this often (its shard name makes a retry replace, not add)
+OUTPUT_BLOCK_BYTES = 32 * 1024**2  # a worker emits its result rows in blocks of about this many PNG bytes
 
 __all__ = ["JobError", "Layout", "build_dataset", "check_output", "plan_layout", "preprocess", "run_job", "source_files"]
 
@@ -62,8 +61,8 @@ class Layout:
     segment_gpus: float  # GPUs per segmenter pool actor
 
     @property
-    def writes_in_flight(self) -> int:
-        return max(MIN_WRITES_IN_FLIGHT, self.workers // WRITES_PER_WORKERS)
+    def writers(self) -> int:
+        return max(1, self.workers // WRITERS_PER_WORKERS)
 
 
 def plan_layout(cfg: JobConfig) -> Layout:
@@ -139,23 +138,42 @@ class PoolClient:
         return ray.get(next(self.actors).segment.remote(batch))
 
 
-class ImageWorker:
-    """The Ray Data UDF: a block of SOURCE rows -> blocks of result rows, one per chunk of images."""
+class WorkerModel:
+    """The model inside a CPU worker, built at its first call: a worker that meets only broken files never
+    imports torch (20k invalid files run at thousands of rows/s, not at the speed of a torch import)."""
 
-    def __init__(self, cfg: ProcessConfig, weights_ref, pool: list | None, segmenter: type | None,
+    def __init__(self, segmenter: bytes, weights_ref, cpu_bf16: bool | None):
+        self._segmenter, self._weights_ref, self._cpu_bf16 = segmenter, weights_ref, cpu_bf16
+        self._model = None
+
+    def __call__(self, batch: dict) -> dict:
+        if self._model is None:
+            segmenter = ray.cloudpickle.loads(self._segmenter)  # imports torch here, not at unpickling
+            self._model = segmenter(ray.get(self._weights_ref), device="cpu", cpu_threads=1, cpu_bf16=self._cpu_bf16)
+        return self._model(batch)
+
+
+class ImageWorker:
+    """The Ray Data UDF: a block of SOURCE rows -> blocks of result rows of about OUTPUT_BLOCK_BYTES."""
+
+    def __init__(self, cfg: ProcessConfig, weights_ref, pool: list | None, segmenter: bytes | None,
                  cpu_bf16: bool | None):
         import cv2
 
         cv2.setNumThreads(1)  # one CPU per worker: OpenCV's own threads would only compete with the others
         self.cfg = cfg
         self.schema = result_schema(cfg.variants)
-        if pool:
-            self.segment = PoolClient(pool)
-        else:
-            self.segment = segmenter(ray.get(weights_ref), device="cpu", cpu_threads=1, cpu_bf16=cpu_bf16)
+        self.segment = PoolClient(pool) if pool else WorkerModel(segmenter, weights_ref, cpu_bf16)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for rows in process(batch.to_pylist(), self.segment, self.cfg):
+        rows, size = [], 0
+        for chunk in process(batch.to_pylist(), self.segment, self.cfg):
+            rows += chunk
+            size += sum(len(v) for row in chunk for k, v in row.items() if k.endswith("_png") and v)
+            if size >= OUTPUT_BLOCK_BYTES:
+                yield pa.Table.from_pylist(rows, schema=self.schema)
+                rows, size = [], 0
+        if rows:
             yield pa.Table.from_pylist(rows, schema=self.schema)
 
 
@@ -182,26 +200,33 @@ def build_dataset(files: list[SourceFile], cfg: JobConfig, *, segmenter: type | 
     """The lazy Dataset of result rows (image rows and error rows) for `files`.
 
     `segmenter` is the model class (pipeline.segment.Segmenter, or a subclass), run inside every
-    worker or as the segmenter pool (`plan_layout`).
+    worker or as the segmenter pool (`plan_layout`); `weights` as `pipeline.model.read_weights` gives them.
     """
-    from pipeline.model import (
-        read_weights,  # the driver reads the weights once; workers never import torch for it
-    )
+    layout = layout or plan_layout(cfg)
+    return map_sources(source_blocks(files, cfg, workers=layout.workers), cfg, layout=layout, segmenter=segmenter,
+                       weights=weights)
+
+
+def map_sources(blocks: list[pa.Table], cfg: JobConfig, *, layout: Layout, segmenter: type | None = None,
+                weights=None) -> ray.data.Dataset:
+    """`build_dataset` from source blocks already made (`source_blocks`).
+
+    torch is imported here, in the driver, not at the top: a worker that only calls a segmenter pool never loads it.
+    """
+    from pipeline.model import read_weights
     from pipeline.segment import Segmenter
 
     segmenter = segmenter or Segmenter
     weights = weights or read_weights(cfg.segment.weights)
-    layout = layout or plan_layout(cfg)
     weights_ref = ray.put(weights)
     pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg.segment.cpu_bf16) if layout.segment_actors else None
-    blocks = source_blocks(files, cfg, workers=layout.workers)
-    ds = ray.data.from_arrow(blocks)
-    return ds.map_batches(
+    return ray.data.from_arrow(blocks).map_batches(
         ImageWorker,
         batch_size=None,  # one source block per call: blocks are already sized by files and bytes
         batch_format="pyarrow",
         fn_constructor_kwargs={"cfg": process_config(cfg, weights, layout), "weights_ref": weights_ref, "pool": pool,
-                               "segmenter": None if pool else segmenter, "cpu_bf16": cfg.segment.cpu_bf16},
+                               "segmenter": None if pool else ray.cloudpickle.dumps(segmenter),
+                               "cpu_bf16": cfg.segment.cpu_bf16},
         compute=ray.data.ActorPoolStrategy(size=max(1, min(layout.workers, len(blocks))),
                                            max_tasks_in_flight_per_actor=CALLS_QUEUED_PER_WORKER),
         num_cpus=1,
@@ -214,19 +239,51 @@ def preprocess(inputs: list[str], output: str = "", **options) -> ray.data.Datas
     return build_dataset(source_files(cfg), cfg)
 
 
-def _write_task(*blocks: pa.Table, output: str, variants: tuple[str, ...], cfg: OutputConfig) -> list[dict]:
-    return write_results(pa.concat_tables(blocks), output=output, variants=variants, cfg=cfg)
+class ShardWriter:
+    """A writer actor: result blocks -> shards (`pipeline.writer.write_results`), one write at a time.
+
+    Actors, not tasks: when the workers hold every CPU, each zero-CPU task got a freshly started Python
+    process (about 1.5 CPU-seconds each, 7% of a benchmark run); a writer starts once. A write is
+    idempotent (content-addressed shard names), so Ray restarts a dead writer and retries its call.
+    """
+
+    def __init__(self, output: str, variants: tuple[str, ...], cfg: OutputConfig):
+        self.output, self.variants, self.cfg = output, variants, cfg
+
+    def write(self, *blocks: pa.Table) -> list[dict]:
+        return write_results(pa.concat_tables(blocks), output=self.output, variants=self.variants, cfg=self.cfg)
 
 
-def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writes_in_flight: int) -> list[dict]:
-    """Stream the result blocks into shard write tasks; returns one summary per shard written.
+@dataclass
+class WriteStats:
+    """What went through the object store between the workers and the shard writers, and what was written."""
+
+    source_bytes: int = 0  # the SOURCE_SCHEMA blocks the workers read (paths, not pixels)
+    result_blocks: int = 0  # blocks of result rows the workers emitted
+    result_rows: int = 0
+    result_bytes: int = 0  # their in-memory size: what the object store held on the way to the writers
+    shards: list[dict] = field(default_factory=list)  # one {kind, file, rows} per shard written
+    first_result_at: float | None = None  # time.time() when the first result block reached the driver
+    last_result_at: float | None = None  # ... and the last
+    first_result_rows: int = 0  # rows of that first block
+
+    def steady_images_per_s(self) -> float | None:
+        """Rows per second between the first and the last result block: the rate without start-up and tail."""
+        if self.first_result_at is None or self.last_result_at is None or self.last_result_at <= self.first_result_at:
+            return None
+        return (self.result_rows - self.first_result_rows) / (self.last_result_at - self.first_result_at)
+
+
+def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int) -> WriteStats:
+    """Stream the result blocks into shard writers; returns what went through and what was written.
 
     The driver sees only block references and their metadata (rows, bytes): a group of blocks becomes
-    one write task when the next block would take it over rows_per_shard rows or max_shard_bytes bytes.
+    one write when the next block would take it over rows_per_shard rows or max_shard_bytes bytes.
     """
-    write = ray.remote(_write_task).options(num_cpus=0, max_retries=WRITE_RETRIES)
-    kwargs = {"output": cfg.output, "variants": tuple(cfg.variants), "cfg": cfg.out}
-    summaries: list[dict] = []
+    writer = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD")
+    pool = itertools.cycle([writer.remote(cfg.output, tuple(cfg.variants), cfg.out) for _ in range(writers)])
+    writes_in_flight = 2 * writers  # each writer writes one shard and has the next one queued
+    stats = WriteStats()
     in_flight: list = []
     group: list = []
     rows = size = 0
@@ -234,11 +291,11 @@ def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writes_in_flight
     def submit() -> None:
         nonlocal group, rows, size
         if group:
-            in_flight.append(write.remote(*group, **kwargs))
+            in_flight.append(next(pool).write.remote(*group))
         group, rows, size = [], 0, 0
         while len(in_flight) > writes_in_flight:
             done, in_flight[:] = ray.wait(in_flight, num_returns=1)
-            summaries.extend(ray.get(done[0]))
+            stats.shards.extend(ray.get(done[0]))
 
     for bundle in results.iter_internal_ref_bundles():
         for entry, block_slice in zip(bundle.blocks, bundle.slices):
@@ -249,10 +306,15 @@ def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writes_in_flight
                 submit()
             group.append(entry.ref)
             rows, size = rows + n, size + nbytes
+            stats.last_result_at = time.time()
+            if stats.first_result_at is None:
+                stats.first_result_at, stats.first_result_rows = stats.last_result_at, n
+            stats.result_blocks, stats.result_rows, stats.result_bytes = (
+                stats.result_blocks + 1, stats.result_rows + n, stats.result_bytes + nbytes)
     submit()
     for ref in in_flight:
-        summaries.extend(ray.get(ref))
-    return summaries
+        stats.shards.extend(ray.get(ref))
+    return stats
 
 
 def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> dict:
@@ -270,9 +332,16 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
     files = source_files(cfg)
     todo = pending(files, cfg.output)
     log.info("%d inputs, %d already done, %d to process", len(files), len(files) - len(todo), len(todo))
+    stats = WriteStats()
     if todo:
         layout = plan_layout(cfg)
         log.info("%s", layout)
-        results = build_dataset(todo, cfg, segmenter=segmenter, layout=layout, weights=weights)
-        write_dataset(results, cfg, writes_in_flight=layout.writes_in_flight)
-    return finalize(cfg, files, weights, processed=len(todo), started=started)
+        blocks = source_blocks(todo, cfg, workers=layout.workers)
+        results = map_sources(blocks, cfg, layout=layout, segmenter=segmenter, weights=weights)
+        stats = write_dataset(results, cfg, writers=layout.writers)
+        stats.source_bytes = sum(b.nbytes for b in blocks)
+    run = {"processed": len(todo), "object_store_bytes": {"sources": stats.source_bytes, "results": stats.result_bytes},
+           "first_result_s": round(stats.first_result_at - started, 2) if stats.first_result_at else None}
+    if stats.steady_images_per_s():
+        run["steady_images_per_s"] = round(stats.steady_images_per_s(), 2)
+    return finalize(cfg, files, weights, run=run, started=started)

@@ -69,7 +69,8 @@ def _payload(data: bytes, source: str) -> dict:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"{source} is not a readable lung model file (torch.load failed: {e})") from e
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{source} is not a readable lung model file (torch.load: {type(e).__name__}: {first_line})") from e
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{source} is not a lung model file: expected format {FILE_FORMAT!r}, got {got!r}")

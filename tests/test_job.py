@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,22 +134,93 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-@pytest.mark.parametrize("case", ["missing input", "output not empty", "unknown variant"])
+BAD_OPTIONS = {  # case -> (extra arguments, text the one-line error must contain)
+    "missing input": ([], "nope"),
+    "output not empty": ([], "not empty"),
+    "unknown variant": (["--variants", "masked", "sepia"], "sepia"),
+    "zero rows per shard": (["--rows-per-shard", "0"], "rows_per_shard"),
+    "zero segment batch": (["--segment-batch", "0"], "segment batch"),
+    "zero segment actors": (["--segment-actors", "0"], "segment actors"),
+    "zero workers": (["--workers", "0"], "workers"),
+    "model of random bytes": (["--model", "RANDOM"], "not a readable lung model file"),
+    "empty model file": (["--model", "EMPTY"], "not a readable lung model file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
 def test_bad_options_are_refused_up_front(tmp_path, case):
+    """Refused in one line, exit 2, before Ray starts (no Ray session directory appears)."""
     out = tmp_path / "out"
-    args = ["--input", str(SAMPLES / "xrays"), "--output", str(out)]
-    if case == "missing input":
-        args[1] = str(tmp_path / "nope")
-    elif case == "output not empty":
+    extra, expected = BAD_OPTIONS[case]
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    extra = [{"RANDOM": str(tmp_path / "random.pt"), "EMPTY": str(tmp_path / "empty.pt")}.get(a, a) for a in extra]
+    args = ["--input", str(SAMPLES / "xrays") if case != "missing input" else str(tmp_path / "nope"), "--output", str(out), *extra]
+    if case == "output not empty":
         out.mkdir()
         (out / "something").write_text("x")
-    else:
-        args += ["--variants", "masked", "sepia"]
     r = run_cli(*args)
-    assert r.returncode != 0
+    assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert {"missing input": "nope", "output not empty": "not empty", "unknown variant": "sepia"}[case] in lines[0]
+    assert expected in lines[0]
+
+
+def test_the_worker_path_never_imports_torch():
+    """A worker that calls a segmenter pool (a GPU node's CPUs) decodes, refines and encodes without torch."""
+    code = f"""
+import sys
+import numpy as np
+import pipeline.dataset
+from pipeline.model_input import ModelMeta
+from pipeline.process import ProcessConfig, process
+from pipeline.refine import RefineConfig
+cfg = ProcessConfig(variants=("masked",), model=ModelMeta("m", 256, "equalize-u8", 0.5), model_sha256="x",
+                    refine=RefineConfig(threshold=0.5))
+pool = lambda batch: {{"lung_prob": np.full_like(batch["model_input"], 200)}}
+source = {{"source_path": "a.png", "location": {str(SAMPLES / "xrays" / "jsrt_JPCLN013.png")!r}.encode()}}
+rows = [r for chunk in process([source], pool, cfg) for r in chunk]
+assert rows[0]["error_stage"] is None and rows[0]["masked_png"], rows[0]
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_gpu_node_layout_gives_the_images_of_the_cpu_layout(ray_local, tmp_path):
+    """Segmenter pool (the GPU node's shape, here on CPU actors) vs the model in the workers: the same
+    masks, and only the 256 x 256 model input and probability go to the pool."""
+    from pipeline.config import SegmentConfig
+    from pipeline.evaluate import dice
+
+    outputs = {}
+    for layout, segment in (("workers", SegmentConfig()), ("pool", SegmentConfig(pool=True, actors=1))):
+        out = tmp_path / layout
+        manifest = run_job(JobConfig(inputs=(str(SAMPLES / "xrays"),), output=str(out), variants=("masked",), segment=segment))
+        assert manifest["complete"] and manifest["counts"]["ok"] == 9
+        sources = manifest["runs"][-1]["object_store_bytes"]["sources"]
+        assert sources < 9 * 1024  # paths, not pixels, go to the workers
+        outputs[layout] = {r["source_path"]: r for r in read_output(out)[1]}
+    for name in outputs["workers"]:
+        a, b = (cv2.imdecode(np.frombuffer(o[name]["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED) for o in outputs.values())
+        assert dice(a, b) > 0.995, name  # bf16 on other batch sizes and thread counts rounds a few edge pixels
+
+
+def test_the_models_threshold_is_used(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.dataset import Layout, process_config
+    from pipeline.model_input import ModelMeta
+    from pipeline.refine import RefineConfig
+
+    weights = SimpleNamespace(meta=ModelMeta("m", 256, "equalize-u8", threshold=0.7), sha256="ab" * 32)
+    layout = Layout(workers=2, segment_actors=0, segment_gpus=0)
+    cfg = JobConfig(inputs=("x",), output=str(tmp_path))
+    assert process_config(cfg, weights, layout).refine.threshold == 0.7
+    assert process_config(cfg, weights, layout).segment_batch == 2  # small batches on CPU workers
+    assert process_config(cfg, weights, Layout(2, 1, 1.0)).segment_batch == 16  # big ones for a GPU pool
+    mine = JobConfig(inputs=("x",), output=str(tmp_path), refine=RefineConfig(threshold=0.4))
+    assert process_config(mine, weights, layout).refine.threshold == 0.4
 
 
 def test_dicom_pixels_reach_the_output_in_the_right_polarity(ray_local, tmp_path):
