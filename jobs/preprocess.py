@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in cfg.inputs:
             if "://" not in path and not os.path.lexists(path):
                 raise ValueError(f"input {path} does not exist")
-        check_output(cfg)
         weights = read_weights(cfg.segment.weights)  # read and checked once, before Ray starts
+        check_output(cfg, weights)
     except (ValueError, OSError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     rate = manifest["runs"][-1]["processed"] / seconds if seconds > 0 else 0.0
     print(f"done: {c['images_in']} inputs, {c['ok']} images ok, {c['errors']} errors, "
           f"{rate:.1f} images/s over {seconds:.1f} s -> {cfg.output}")
+    if c["ok"] == 0:  # nothing to train on is a failure, whatever the reason
+        what = "no input files were found" if c["images_in"] == 0 else f"none of the {c['images_in']} inputs became an image"
+        print(f"error: {what}; the reasons are in {cfg.output}/errors", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import ray
 
-from pipeline.bookkeeping import JobError, check_output, finalize, pending
+from pipeline.bookkeeping import JobError, check_output, finalize, pending, start
 from pipeline.config import POOL_BATCH, WORKER_BATCH, JobConfig
-from pipeline.discover import SourceFile, discover, is_uri
+from pipeline.discover import SourceFile, discover, is_uri, spell
 from pipeline.privacy import hashed_path
 from pipeline.process import ProcessConfig, process
 from pipeline.schema import SOURCE_SCHEMA, result_schema
@@ -80,9 +80,9 @@ def plan_layout(cfg: JobConfig) -> Layout:
 
 def source_files(cfg: JobConfig) -> list[SourceFile]:
     """The discovered inputs, with `rel_path` already in the form written as source_path."""
-    files = discover(list(cfg.inputs))
+    files = discover(list(cfg.inputs), exclude=cfg.output)
     if cfg.source_path_mode == "absolute":
-        files = [dataclasses.replace(f, rel_path=f.location) for f in files]
+        files = [dataclasses.replace(f, rel_path=spell(f.location)) for f in files]
     elif cfg.source_path_mode == "hashed":
         files = [dataclasses.replace(f, rel_path=hashed_path(f.rel_path, cfg.pseudonym_key)) for f in files]
     return files
@@ -327,8 +327,9 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
     from pipeline.model import read_weights
 
     started = time.time()
-    check_output(cfg)
     weights = weights or read_weights(cfg.segment.weights)
+    check_output(cfg, weights)
+    start(cfg, weights)
     files = source_files(cfg)
     todo = pending(files, cfg.output)
     log.info("%d inputs, %d already done, %d to process", len(files), len(files) - len(todo), len(todo))

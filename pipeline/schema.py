@@ -24,6 +24,15 @@ import pyarrow as pa
 
 MAX_MESSAGE_CHARS = 500  # an error message is cut to this length
 
+# The output contract's version, in manifest.json and in every Parquet file's key-value metadata.
+# docs/OUTPUT.md says what bumps it: a column added, removed, renamed or retyped, or a change in what a
+# column's values mean (source_path's spelling, a QC flag's rule, the mask's encoding). 2: source_path
+# spelled losslessly (pipeline.discover.spell), burned_in_annotation, coded DICOM attributes only as
+# defined terms.
+SCHEMA_VERSION = 2
+METADATA_SCHEMA_VERSION = b"xray_lung_prep.schema_version"  # Parquet key-value metadata keys
+METADATA_PACKAGE_VERSION = b"xray_lung_prep.version"
+
 # The allowlisted DICOM attributes as output columns (see pipeline.privacy.DICOM_ALLOWLIST).
 DICOM_FIELDS = [
     pa.field("dicom_modality", pa.string()),

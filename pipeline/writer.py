@@ -28,6 +28,7 @@ import logging
 import posixpath
 import uuid
 from dataclasses import dataclass
+from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,7 +36,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.discover import is_uri
-from pipeline.schema import ERRORS_SCHEMA, images_schema
+from pipeline.schema import (
+    ERRORS_SCHEMA,
+    METADATA_PACKAGE_VERSION,
+    METADATA_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    images_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ IMAGES_DIR = "images"
 ERRORS_DIR = "errors"
 KINDS = (IMAGES_DIR, ERRORS_DIR)
 MANIFEST = "manifest.json"
+QUARANTINE_DIR = "quarantine"  # finished shards that cannot be read are moved here, and their inputs redone
 SHARD_PREFIX = "part-"
 TMP_PREFIX = "."
 ROW_OVERHEAD_BYTES = 64  # added to a row's payload bytes when sizing shards and row groups
@@ -59,6 +67,20 @@ class OutputConfig:
         for name in ("rows_per_shard", "max_shard_bytes", "row_group_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("xray-lung-prep")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def with_contract_metadata(table: pa.Table) -> pa.Table:
+    """The table with the output contract's schema version and the package version in its metadata."""
+    meta = dict(table.schema.metadata or {})
+    meta.update({METADATA_SCHEMA_VERSION: str(SCHEMA_VERSION).encode(), METADATA_PACKAGE_VERSION: package_version().encode()})
+    return table.replace_schema_metadata(meta)
 
 
 def output_fs(output: str) -> tuple[pafs.FileSystem, str]:
@@ -118,7 +140,7 @@ def write_atomic(table: pa.Table, fs: pafs.FileSystem, directory: str, name: str
     tmp = f"{directory}/{TMP_PREFIX}{name}.parquet.tmp-{uuid.uuid4().hex}"
     fs.create_dir(directory, recursive=True)
     mean_row = max(1, sum(row_bytes(table)) // max(1, table.num_rows))
-    pq.write_table(table, tmp, filesystem=fs, row_group_size=max(1, cfg.row_group_bytes // mean_row),
+    pq.write_table(with_contract_metadata(table), tmp, filesystem=fs, row_group_size=max(1, cfg.row_group_bytes // mean_row),
                    **parquet_options(table.schema, cfg.compression))
     fs.move(tmp, final)
     return final
@@ -155,6 +177,18 @@ def write_results(results: pa.Table, *, output: str, variants: tuple[str, ...], 
     return summary
 
 
+def write_empty_shards(output: str, variants: tuple[str, ...], cfg: OutputConfig) -> list[str]:
+    """An empty shard (schema only) in images/ or errors/ when the folder holds none, so that readers of a
+    run with no image, or no error, still find a table with the right columns. Returns the kinds written."""
+    fs, base = output_fs(output)
+    written = []
+    for kind, schema in ((IMAGES_DIR, images_schema(variants)), (ERRORS_DIR, ERRORS_SCHEMA)):
+        if not list_shards(output)[kind]:
+            write_atomic(schema.empty_table(), fs, f"{base}/{kind}", f"{shard_name([])}-000", cfg=cfg)
+            written.append(kind)
+    return written
+
+
 def list_shards(output: str) -> dict[str, list[str]]:
     """Finished shard paths under OUTPUT, by kind ("images", "errors"), in name order; temporary files excluded."""
     fs, base = output_fs(output)
@@ -184,12 +218,25 @@ def remove_temporary_files(output: str) -> int:
 
 
 def shard_source_paths(output: str) -> dict[str, dict[str, list[str]]]:
-    """{kind: {shard path: its source_path values in row order}}, reading that one column only."""
-    fs, _ = output_fs(output)
-    return {
-        kind: {p: pq.read_table(p, columns=["source_path"], filesystem=fs).column("source_path").to_pylist() for p in paths}
-        for kind, paths in list_shards(output).items()
-    }
+    """{kind: {shard path: its source_path values in row order}}, reading that one column only.
+
+    A finished shard that cannot be read (truncated or damaged after it was written) is moved to
+    OUTPUT/quarantine/<kind>/ with a warning and left out: its inputs count as not done.
+    """
+    fs, base = output_fs(output)
+    found: dict[str, dict[str, list[str]]] = {}
+    for kind, paths in list_shards(output).items():
+        found[kind] = {}
+        for p in paths:
+            try:
+                found[kind][p] = pq.read_table(p, columns=["source_path"], filesystem=fs).column("source_path").to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                name = posixpath.basename(p)
+                fs.create_dir(f"{base}/{QUARANTINE_DIR}/{kind}", recursive=True)
+                fs.move(p, f"{base}/{QUARANTINE_DIR}/{kind}/{name}")
+                log.warning("shard %s/%s cannot be read (%s): moved to %s/%s/, its inputs will be processed again",
+                            kind, name, type(e).__name__, QUARANTINE_DIR, kind)
+    return found
 
 
 def rewrite_without(output: str, kind: str, path: str, drop: list[int], *, cfg: OutputConfig) -> tuple[str | None, list[str]]:

@@ -207,3 +207,48 @@ def test_rows_written_twice_by_two_runs_are_reconciled_to_one(tmp_path):
     assert clean_path.stat().st_mtime_ns == clean_stat.st_mtime_ns  # a shard without duplicates is not rewritten
     assert remove_duplicate_rows(out, shard_source_paths(out), OutputConfig()) == 0
     assert not [p for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name]
+
+
+def test_distinct_files_get_distinct_reversible_names(tmp_path):
+    """Issue #14.1: b"a\\xff.png" and a file literally named a\\xff.png were one row."""
+    from pipeline.discover import unspell
+
+    root = tmp_path / "in"
+    root.mkdir()
+    raw = [b"a\xff.png", b"a\\xff.png", b"b\\\\c.png", "café.png".encode()]
+    for name in raw:
+        (root / os.fsdecode(name)).write_bytes(name)
+    files = discover([str(root)])
+    assert len(files) == len(raw) == len({f.rel_path for f in files})
+    assert sorted(unspell(f.rel_path) for f in files) == sorted(raw)
+    assert all(f.rel_path.encode("utf-8") for f in files)  # storable as UTF-8
+
+
+def test_absolute_source_paths_of_non_utf8_names_are_storable(tmp_path):
+    """Issue #14.2: a non-UTF-8 name with --source-path absolute used to kill the read task."""
+    from pipeline.dataset import source_files
+    from pipeline.discover import unspell
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / os.fsdecode(b"x\xe9.png")).write_bytes(b"x")
+    cfg = JobConfig(inputs=(str(root),), output=str(tmp_path / "out"), source_path_mode="absolute")
+    (f,) = source_files(cfg)
+    assert unspell(f.rel_path) == os.fsencode(root) + b"/x\xe9.png"
+    (block,) = source_blocks([f], cfg, workers=1)
+    assert block.column("source_path")[0].as_py() == f.rel_path
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_the_output_folder_inside_an_input_root_is_never_read(tmp_path, uri):
+    """Issue #14.4: on --resume the job's own Parquet and manifest became error rows."""
+    root = tmp_path / "in"
+    (root / "out" / "images").mkdir(parents=True)
+    (root / "x.png").write_bytes(b"x")
+    (root / "out" / "images" / "part-1.parquet").write_bytes(b"PAR1")
+    (root / "out" / "manifest.json").write_text("{}")
+    (root / "outside").mkdir()
+    (root / "outside" / "y.png").write_bytes(b"y")
+    prefix = "file://" if uri else ""
+    files = discover([f"{prefix}{root}"], exclude=f"{prefix}{root / 'out'}")
+    assert [f.rel_path for f in files] == ["outside/y.png", "x.png"]

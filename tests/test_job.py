@@ -19,7 +19,7 @@ from corpus import make_bad_corpus, phantom_xray, write_dicom, write_phi_dicom
 
 from pipeline.config import JobConfig
 from pipeline.dataset import run_job
-from pipeline.discover import printable
+from pipeline.discover import spell
 from pipeline.schema import ERRORS_SCHEMA, images_schema
 from pipeline.writer import OutputConfig
 
@@ -89,7 +89,7 @@ def test_bad_input_is_accounted_for_and_good_files_processed(ray_local, tmp_path
     assert not ok_paths & err_paths
     assert manifest["counts"]["images_in"] == len(images) + len(errors)
     for rel, outcome in expected.items():
-        name = printable(rel)
+        name = spell(rel)
         got = "ok" if name in ok_paths else "error" if name in err_paths else "missing"
         assert got == outcome, (name, got, [e for e in errors if e["source_path"] == name])
     # By content too: every readable input file's sha256 is in exactly one of the two tables.
