@@ -130,7 +130,7 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
     assert not processes_with_marker(marker), "processes of the killed run are still alive"
     before = source_paths(out)
     assert 0 < sum(before.values()) < len(names), "kill did not land mid-run"
-    assert not (out / "manifest.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False  # written at the start, with the contract
 
     refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert refused.returncode != 0 and "--resume" in refused.stderr
