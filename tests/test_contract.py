@@ -135,3 +135,28 @@ def test_a_run_with_no_image_fails_and_still_leaves_readable_tables(tmp_path):
     assert len(pd.read_parquet(out / "errors")) == 3
     images = pd.read_parquet(out / "images")  # an empty table with every column, not a missing folder
     assert len(images) == 0 and "masked_crop_eq_png" in images.columns
+
+
+def test_verify_passes_a_good_output_and_names_each_problem(first_run, tmp_path):
+    from pipeline.verify import verify
+
+    _, out, _ = first_run
+    ok = subprocess.run([sys.executable, str(REPO / "jobs" / "verify.py"), str(out)], capture_output=True, text=True,
+                        timeout=120, check=False)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
+    assert verify(f"file://{out}") == []  # the same through a URI, as after a copy to S3
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    shards = sorted((bad / "images").glob("part-*.parquet"))
+    shards[0].write_bytes(shards[0].read_bytes()[:100])  # damaged in transfer
+    shutil.copy(next((bad / "errors").glob("part-*.parquet")), bad / "images" / "part-stray-000.parquet")
+    (bad / "images" / ".part-x.parquet.tmp-1").write_bytes(b"half")
+    problems = verify(str(bad))
+    assert any("cannot be read" in p for p in problems)
+    assert any("part-stray-000.parquet is in the output but not in the manifest" in p for p in problems)
+    assert any("another schema" in p for p in problems)
+    assert any("half-written" in p for p in problems)
+    assert any("rows, the manifest counts" in p for p in problems)
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "verify.py"), str(bad)], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == len(problems)
