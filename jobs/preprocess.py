@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or "local",
                    help="Ray to run on: $RAY_ADDRESS when set (as under `ray job submit`), else a new local Ray; "
                         "'auto' joins a cluster started with `ray start` on this machine")
+    p.add_argument("--segment-start-timeout", type=float, default=SegmentConfig.start_timeout_s,
+                   help="seconds the segmenter pool may take to start (GPU nodes being added); then the job stops")
     p.add_argument("--segment-batch", type=int, default=None,
                    help=f"images per model call (default: {POOL_BATCH} with a GPU pool, {WORKER_BATCH} on CPU workers)")
     p.add_argument("--segment-cpu-precision", choices=tuple(CPU_PRECISIONS), default="auto",
@@ -95,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         workers=args.workers,
         segment=SegmentConfig(weights=args.model, gpus_per_actor=args.segment_gpus,
                               actors=args.segment_actors, batch_size=args.segment_batch,
+                              start_timeout_s=args.segment_start_timeout,
                               cpu_bf16=CPU_PRECISIONS[args.segment_cpu_precision]),
         variant=VariantConfig(size=args.size, resize_mode=args.resize_mode, bit_depth=args.bit_depth,
                               crop_margin_frac=args.crop_margin, pad_square=args.pad_square),
@@ -121,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.dataset import run_job
 
     ray.init(address=args.ray_address, logging_level=logging.WARNING)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if args.ray_address == "local" and (cfg.segment.gpus_per_actor or 0) > gpus:  # no autoscaler will add one
+        print(f"error: --segment-gpus {cfg.segment.gpus_per_actor:g} asks for GPUs, this machine has {gpus:g}", file=sys.stderr)
+        ray.shutdown()
+        return 2
     started = time.time()
     try:
         manifest = run_job(cfg, weights=weights)

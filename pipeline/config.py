@@ -33,12 +33,15 @@ class SegmentConfig:
     batch_size: int | None = None  # images per model call, and decoded at a time by a worker; None = POOL_BATCH
     #                                with a segmenter pool, WORKER_BATCH when the model runs in the CPU workers
     cpu_bf16: bool | None = None  # CPU workers run the model in bf16; None = where the CPU has native bf16 (AVX512-BF16, AMX)
+    start_timeout_s: float = 900.0  # seconds the segmenter pool may take to start (an autoscaler adding GPU nodes)
 
     def __post_init__(self) -> None:
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"segment GPUs per actor must be >= 0, got {self.gpus_per_actor}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"segment actors must be >= 1, got {self.actors}")
+        if self.start_timeout_s <= 0:
+            raise ValueError(f"segment start timeout must be > 0 s, got {self.start_timeout_s}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"segment batch must be >= 1, got {self.batch_size}")
 

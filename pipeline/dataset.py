@@ -186,12 +186,26 @@ def process_config(cfg: JobConfig, weights, layout: Layout) -> ProcessConfig:
                          segment_batch=batch)
 
 
-def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, cpu_bf16: bool | None) -> list:
-    """The segmenter pool's actors (restarted by Ray if they die; a call to a restarting actor is retried)."""
+def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, cpu_bf16: bool | None, *,
+                         timeout_s: float) -> list:
+    """The segmenter pool's actors, once every one is up (Ray restarts one that dies later and retries its call).
+
+    Raises JobError when they are not up within `timeout_s`: a pool that asks for GPUs the cluster does
+    not have (and no autoscaler adds) would otherwise wait forever.
+    """
     actor = ray.remote(PoolSegmenter).options(num_gpus=layout.segment_gpus, num_cpus=0, max_restarts=-1,
                                               max_task_retries=-1)
     actors = [actor.remote(weights_ref, segmenter, cpu_bf16) for _ in range(layout.segment_actors)]
-    log.info("segmenter pool: %d actors, %s GPU each", len(actors), layout.segment_gpus)
+    gpus_now = ray.cluster_resources().get("GPU", 0)
+    log.info("segmenter pool: %d actors, %s GPU each (the cluster has %s GPUs now)", len(actors), layout.segment_gpus, gpus_now)
+    ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors), timeout=timeout_s)
+    if len(ready) < len(actors):
+        for a in actors:
+            ray.kill(a)
+        raise JobError(f"the segmenter pool did not start within {timeout_s:g} s: {len(ready)} of {len(actors)} actors "
+                       f"up, each asks for {layout.segment_gpus:g} GPU and the cluster has {gpus_now:g}; start GPU nodes, "
+                       "or pass --segment-gpus 0 to run the model on the CPU workers")
+    ray.get(ready)  # an actor that failed to start (a bad weights file...) raises here
     return actors
 
 
@@ -219,7 +233,9 @@ def map_sources(blocks: list[pa.Table], cfg: JobConfig, *, layout: Layout, segme
     segmenter = segmenter or Segmenter
     weights = weights or read_weights(cfg.segment.weights)
     weights_ref = ray.put(weights)
-    pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg.segment.cpu_bf16) if layout.segment_actors else None
+    pool = None
+    if layout.segment_actors:
+        pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg.segment.cpu_bf16, timeout_s=cfg.segment.start_timeout_s)
     return ray.data.from_arrow(blocks).map_batches(
         ImageWorker,
         batch_size=None,  # one source block per call: blocks are already sized by files and bytes

@@ -1,5 +1,9 @@
 """Decode one chest X-ray file (DICOM, PNG, JPEG, TIFF) from bytes to a uint16 gray image.
 
+Messages name the stage's expectation, the error kind and the tag, never a header value (a crafted
+or careless header can put a patient's name anywhere), and pydicom's own warnings, which quote
+values, are kept out of the logs (`_quiet_pydicom`).
+
 Contract (docs/CONTRACTS.md): ``decode_image(data, source=...) -> Decoded`` with
 ``Decoded.pixels`` uint8 (H, W) 0..255 for 8-bit PNG/JPEG/TIFF, else uint16 (H, W) full range
 0..65535; brighter = denser tissue (MONOCHROME2 sense). 8-bit sources stay 8-bit: half the memory
@@ -19,7 +23,11 @@ polarity check (see ``looks_inverted``).
 from __future__ import annotations
 
 import logging
+import math
 import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -71,6 +79,9 @@ POLARITY_RIGHT_COLS = (0.65, 0.85)  # left lung (image right)
 # score below -0.10 (would be wrongly flipped), 11 % below +0.10 (a negative of them would be
 # missed). Fake_MONOHR1.dcm scores -0.34; the genuine MONOCHROME1 films +0.29 and +0.35.
 POLARITY_MARGIN = 0.10
+MAX_RESCALE = 1e6  # |RescaleSlope| and |RescaleIntercept| above this give no usable image (0, NaN, 1e308 ...)
+NOTE_BURNED_IN = "burned_in_annotation"  # BurnedInAnnotation = YES: text in the pixels (see README)
+NOTE_EXIF_ROTATED = "exif_orientation_applied"  # a JPEG/TIFF turned upright by its EXIF Orientation
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,20 @@ _PIXEL_ERRORS = (
 )
 
 
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom's warnings and log records quote header values: keep them out of the console and worker logs."""
+    pydicom_logger = logging.getLogger("pydicom")
+    disabled = pydicom_logger.disabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pydicom_logger.disabled = True
+        try:
+            yield
+        finally:
+            pydicom_logger.disabled = disabled
+
+
 def read_dicom(data: bytes, *, source: str) -> Any:
     """A pydicom Dataset (``force=True``: ACR-NEMA files without preamble or meta are read).
 
@@ -322,7 +347,7 @@ def read_dicom(data: bytes, *, source: str) -> Any:
     try:
         ds = pydicom.dcmread(BytesIO(data), force=True)
     except _DICOM_READ_ERRORS as e:
-        raise DecodeError(f"expected a readable DICOM data set, got {type(e).__name__}: {e} in {source}") from e
+        raise DecodeError(f"expected a readable DICOM data set, got {type(e).__name__} in {source}") from e
     if len(ds) == 0:
         raise DecodeError(f"expected DICOM elements, got none in {source}")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -341,21 +366,21 @@ def dicom_geometry(ds: Any, *, source: str) -> tuple[int, int, int]:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
     except (AttributeError, TypeError, ValueError) as e:
-        raise DecodeError(f"expected integer Rows, Columns and NumberOfFrames, got {e} in {source}") from e
+        raise DecodeError(f"expected integer Rows, Columns and NumberOfFrames, one is not in {source}") from e
     return rows, cols, frames
 
 
 def check_codec(ds: Any, *, source: str) -> None:
     """Refuse a transfer syntax for which no installed pixel-data decoder exists."""
     tsyntax = UID(ds.file_meta.TransferSyntaxUID)
+    name = tsyntax.name if tsyntax.is_transfer_syntax else "a TransferSyntaxUID that is no known transfer syntax"
     try:
         decoder = get_decoder(tsyntax)
-    except NotImplementedError as e:
-        raise DecodeError(f"expected a transfer syntax with a pixel decoder, got {tsyntax.name} ({tsyntax}) in {source}") from e
+    except NotImplementedError as e:  # the name is pydicom's, from its registry: never the header's text
+        raise DecodeError(f"expected a transfer syntax with a pixel decoder, got {name} in {source}") from e
     if not decoder.is_available:
         raise DecodeError(
-            f"expected an installed decoder for {tsyntax.name} ({tsyntax}), none available "
-            f"(missing {decoder.missing_dependencies}) in {source}"
+            f"expected an installed decoder for {name}, none available (missing {decoder.missing_dependencies}) in {source}"
         )
 
 
@@ -364,7 +389,7 @@ def stored_values(ds: Any, *, source: str) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except _PIXEL_ERRORS as e:
-        raise DecodeError(f"expected decodable DICOM pixel data, got {type(e).__name__}: {e} in {source}") from e
+        raise DecodeError(f"expected decodable DICOM pixel data, got {type(e).__name__} in {source}") from e
     bits_stored = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
     if arr.dtype.kind in "ui" and bits_stored < arr.dtype.itemsize * 8:
         if arr.dtype.kind == "u":
@@ -390,13 +415,30 @@ def window_output_range(ds: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def check_rescale(ds: Any, *, source: str) -> None:
+    """Refuse RescaleSlope / RescaleIntercept that would make every pixel the same or not a number."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword not in ds:
+            continue
+        try:
+            value = float(ds.get(keyword))
+        except (TypeError, ValueError) as e:
+            raise DecodeError(f"expected a number in {keyword}, got none in {source}") from e
+        if not math.isfinite(value) or abs(value) > MAX_RESCALE or (keyword == "RescaleSlope" and value == 0):
+            raise DecodeError(f"expected a finite{' non-zero' if keyword == 'RescaleSlope' else ''} {keyword} "
+                              f"of at most {MAX_RESCALE:g} in size, got another in {source}")
+
+
 def dicom_gray_to_u16(ds: Any, arr: np.ndarray, *, source: str) -> tuple[np.ndarray, list[str]]:
     """Modality LUT, then VOI LUT or first window, then uint16 full range (before inversion)."""
     notes: list[str] = []
+    check_rescale(ds, source=source)
     try:
         values = apply_modality_lut(arr, ds)
     except _PIXEL_ERRORS as e:
-        raise DecodeError(f"expected a usable modality LUT / rescale, got {type(e).__name__}: {e} in {source}") from e
+        raise DecodeError(f"expected a usable modality LUT / rescale, got {type(e).__name__} in {source}") from e
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DecodeError(f"expected finite values after the modality LUT / rescale, got some that are not in {source}")
     has_lut = bool(ds.get("VOILUTSequence"))
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
     if not (has_lut or has_window):
@@ -408,7 +450,7 @@ def dicom_gray_to_u16(ds: Any, arr: np.ndarray, *, source: str) -> tuple[np.ndar
     try:
         voi = apply_voi_lut(values, ds, index=0, prefer_lut=True)
     except _PIXEL_ERRORS as e:
-        logger.warning("ignoring unusable VOI LUT / window in %s: %s", source, e)
+        logger.warning("ignoring unusable VOI LUT / window (%s) in %s", type(e).__name__, source)
         notes.append("voi_ignored")
         return stretch_to_u16(values), notes
     return range_to_u16(voi, lo, hi), notes
@@ -416,10 +458,15 @@ def dicom_gray_to_u16(ds: Any, arr: np.ndarray, *, source: str) -> tuple[np.ndar
 
 def decode_dicom(data: bytes, *, source: str, cfg: DecodeConfig) -> Decoded:
     """DICOM bytes -> Decoded. See the module docstring for the order of operations."""
+    with _quiet_pydicom():
+        return _decode_dicom(data, source=source, cfg=cfg)
+
+
+def _decode_dicom(data: bytes, *, source: str, cfg: DecodeConfig) -> Decoded:
     ds = read_dicom(data, source=source)
     rows, cols, frames = dicom_geometry(ds, source=source)
     if frames > 1:
-        raise DecodeError(f"multi-frame DICOM with {frames} frames; expected a single radiograph, in {source}")
+        raise DecodeError(f"expected a single radiograph, got a multi-frame DICOM (NumberOfFrames above 1) in {source}")
     check_size(rows, cols, frames, source=source, cfg=cfg)
     check_codec(ds, source=source)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
@@ -429,7 +476,7 @@ def decode_dicom(data: bytes, *, source: str, cfg: DecodeConfig) -> Decoded:
         try:
             arr = apply_color_lut(arr, ds)
         except _PIXEL_ERRORS as e:
-            raise DecodeError(f"expected a usable palette colour LUT, got {e} in {source}") from e
+            raise DecodeError(f"expected a usable palette colour LUT, got {type(e).__name__} in {source}") from e
     if arr.ndim == 3 and arr.shape[-1] == 3:
         # pydicom returns RGB for YBR_* by default; modality / VOI LUTs apply to grayscale only.
         pixels, notes = stretch_to_u16(rgb_to_gray(arr)), ["rgb_to_gray"]
@@ -443,6 +490,8 @@ def decode_dicom(data: bytes, *, source: str, cfg: DecodeConfig) -> Decoded:
             logger.info("MONOCHROME1 header on MONOCHROME2-looking pixels, not inverting: %s", source)
             pixels = U16_MAX - pixels
             notes.append("polarity_corrected")
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        notes.append(NOTE_BURNED_IN)
     return Decoded(
         pixels=np.ascontiguousarray(pixels, dtype=np.uint16),
         format="dicom",
@@ -527,7 +576,10 @@ def decode_raster(data: bytes, fmt: str, *, source: str, cfg: DecodeConfig) -> D
     img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_AS_IS if plain_gray else _IMREAD_CONVERT)
     if img is None:
         raise DecodeError(f"expected a complete {fmt.upper()} image, OpenCV could not decode it (truncated or corrupt) in {source}")
-    if img.ndim != 2 or img.shape != (header.height, header.width):
+    notes = raster_notes(fmt, header)
+    if img.ndim == 2 and img.shape == (header.width, header.height) != (header.height, header.width):
+        notes.append(NOTE_EXIF_ROTATED)  # OpenCV applied an EXIF Orientation of 90 or 270 degrees
+    elif img.ndim != 2 or img.shape != (header.height, header.width):
         raise DecodeError(
             f"expected a {header.height}x{header.width} gray image as the header says, got shape {img.shape} in {source}"
         )
@@ -537,7 +589,7 @@ def decode_raster(data: bytes, fmt: str, *, source: str, cfg: DecodeConfig) -> D
         pixels, bits = significant_bits(img, png_significant_bits(data) if fmt == "png" else None)
     else:
         raise DecodeError(f"expected 8- or 16-bit unsigned samples, got {img.dtype} in {source}")
-    return Decoded(pixels=pixels, format=fmt, bits_stored=bits, notes=tuple(raster_notes(fmt, header)))
+    return Decoded(pixels=pixels, format=fmt, bits_stored=bits, notes=tuple(notes))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -556,6 +608,8 @@ def decode_image(data: bytes, *, source: str, cfg: DecodeConfig = DecodeConfig()
         raise DecodeError(
             f"not a recognised image (DICOM/PNG/JPEG/TIFF): starts with {data[:HEAD_ECHO_BYTES]!r} in {source}"
         )
-    if fmt == "dicom":
-        return decode_dicom(data, source=source, cfg=cfg)
-    return decode_raster(data, fmt, source=source, cfg=cfg)
+    decoded = decode_dicom(data, source=source, cfg=cfg) if fmt == "dicom" else decode_raster(data, fmt, source=source, cfg=cfg)
+    lo, hi, _, _ = cv2.minMaxLoc(decoded.pixels)
+    if lo == hi:
+        raise DecodeError(f"expected an image, got every pixel the same value in {source}")
+    return decoded

@@ -38,7 +38,19 @@ IDENTIFIER_COLUMNS: dict[str, str] = {
 # Every header value the decoder hands over: the allowlist and the identifiers to hash.
 HEADER_KEYWORDS: tuple[str, ...] = (*DICOM_ALLOWLIST, *IDENTIFIER_COLUMNS)
 
-_STR_KEYWORDS = ("Modality", "ViewPosition", "PhotometricInterpretation")
+# Coded string attributes are written only when they hold a defined term of the standard: any other
+# text (a technician's free text, a name typed into the wrong field) becomes None and a decode note.
+_MODALITY_TERMS = """AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO
+IOL IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF
+RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA
+XAPROTOCOL XC CD DD DF DM DS EC FA FS LP MA MS OPR ST VF"""  # PS3.3 C.7.3.1.1.1, current and retired
+DEFINED_TERMS: dict[str, frozenset[str]] = {
+    "Modality": frozenset(_MODALITY_TERMS.split()),
+    "ViewPosition": frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO"}),  # PS3.3 C.8.11.5.1.1, C.8.11.7
+    "PhotometricInterpretation": frozenset({  # PS3.3 C.7.6.3.1.2
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB", "HSV", "ARGB", "CMYK"}),
+}
 _INT_KEYWORDS = ("BitsStored", "Rows", "Columns")
 _PIXEL_SPACING_VM = 2  # row spacing, column spacing (mm)
 
@@ -64,10 +76,15 @@ def _pixel_spacing(value: Any) -> list[float] | None:
     return spacing if len(spacing) == _PIXEL_SPACING_VM else None
 
 
+def undefined_term_note(column: str) -> str:
+    return f"{column}_not_a_defined_term"
+
+
 def allowlisted_attributes(ds: Any) -> dict[str, Any]:
     """The allowlisted attributes of a header (a pydicom Dataset or ``Decoded.header``), keyed by output column.
 
-    Every column of ``DICOM_ALLOWLIST`` is present; a missing or empty attribute is None.
+    Every column of ``DICOM_ALLOWLIST`` is present; a missing or empty attribute is None, and so is a
+    coded attribute whose value is not one of its ``DEFINED_TERMS`` (``undefined_terms`` names them).
     Values are plain Python types: str, int, or list[float] (dicom_pixel_spacing, mm).
     ImagerPixelSpacing is deliberately not used as a fallback for PixelSpacing (it is
     measured at the detector, not the patient).
@@ -77,13 +94,24 @@ def allowlisted_attributes(ds: Any) -> dict[str, Any]:
         value = ds.get(keyword) if hasattr(ds, "get") else None
         if value is None or value == "":
             continue
-        if keyword in _STR_KEYWORDS:
-            out[column] = _plain_str(value)
+        if keyword in DEFINED_TERMS:
+            text = _plain_str(value)
+            out[column] = text if text in DEFINED_TERMS[keyword] else None
         elif keyword in _INT_KEYWORDS:
             out[column] = _plain_int(value)
         else:
             out[column] = _pixel_spacing(value)
     return out
+
+
+def undefined_terms(ds: Any) -> list[str]:
+    """Decode notes for coded attributes present with a value that is not a defined term (the value is not kept)."""
+    notes = []
+    for keyword, terms in DEFINED_TERMS.items():
+        value = ds.get(keyword) if hasattr(ds, "get") else None
+        if value not in (None, "") and _plain_str(value) not in terms:
+            notes.append(undefined_term_note(DICOM_ALLOWLIST[keyword]))
+    return notes
 
 
 def raw_identifiers(ds: Any) -> dict[str, str]:
@@ -125,10 +153,12 @@ def hashed_path(path: str, key: bytes) -> str:
     return pseudonym(path, key)
 
 
-def header_columns(header: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-    """Every DICOM-derived output column of one image: the allowlisted attributes and the pseudonyms.
+def header_columns(header: dict[str, Any], key: bytes | None) -> tuple[dict[str, Any], list[str]]:
+    """Every DICOM-derived output column of one image (the allowlisted attributes and the pseudonyms),
+    and the notes on what was left out (`undefined_terms`).
 
     ``header``: ``Decoded.header`` ({} for PNG/JPEG/TIFF: every column None). With ``key`` None the
     pseudonyms are None.
     """
-    return {**allowlisted_attributes(header), **pseudonymous_ids(raw_identifiers(header), key)}
+    columns = {**allowlisted_attributes(header), **pseudonymous_ids(raw_identifiers(header), key)}
+    return columns, undefined_terms(header)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decode import DecodeConfig, Decoded, decode_image
+from pipeline.decode import NOTE_BURNED_IN, DecodeConfig, Decoded, decode_image
 from pipeline.model_input import ModelMeta, prepare_input
 from pipeline.png import encode_png
 from pipeline.privacy import header_columns
@@ -38,9 +38,10 @@ from pipeline.variants import VariantConfig, make_variants
 log = logging.getLogger(__name__)
 
 # Decoder notes that a downstream user should see among the QC flags, not only in decode_notes.
-DECODE_NOTES_IN_QC = frozenset({"polarity_corrected"})
-# Mask QC flags make a row fail QC (the row still has images; downstream may drop it).
-FAILING_QC = frozenset(MASK_QC_FLAGS)
+DECODE_NOTES_IN_QC = frozenset({"polarity_corrected", NOTE_BURNED_IN})
+# These QC flags make a row fail QC (the row still has images; downstream may drop it): the mask's, and
+# text burned into the pixels (it may name the patient; the job cannot find or remove it).
+FAILING_QC = frozenset({*MASK_QC_FLAGS, NOTE_BURNED_IN})
 
 Segment = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # {"model_input"} -> {"lung_prob"}
 
@@ -68,6 +69,7 @@ class Prepared:
     source_sha256: str
     decoded: Decoded  # the full-resolution pixels and what decoding noted
     columns: dict[str, Any]  # the DICOM-derived output columns (allowlist + pseudonyms)
+    notes: tuple[str, ...]  # decoding's notes and privacy's (attributes left out)
     model_input: np.ndarray  # uint8 (S, S)
 
 
@@ -86,11 +88,11 @@ def prepare(source: dict, cfg: ProcessConfig, schema: pa.Schema) -> Prepared | d
         return _failed(path, None, "read", e, schema)
     try:
         decoded = decode_image(data, source=path, cfg=cfg.decode)
-        columns = header_columns(decoded.header, cfg.pseudonym_key)
+        columns, privacy_notes = header_columns(decoded.header, cfg.pseudonym_key)
         model_input = prepare_input(decoded.pixels, cfg.model)
     except Exception as e:  # noqa: BLE001 - any per-image failure becomes an error row
         return _failed(path, sha256, "decode", e, schema)
-    return Prepared(path, sha256, decoded, columns, model_input)
+    return Prepared(path, sha256, decoded, columns, (*decoded.notes, *privacy_notes), model_input)
 
 
 def finish(image: Prepared, lung_prob: np.ndarray, cfg: ProcessConfig, schema: pa.Schema) -> dict:
@@ -98,7 +100,7 @@ def finish(image: Prepared, lung_prob: np.ndarray, cfg: ProcessConfig, schema: p
     pixels = image.decoded.pixels
     try:
         mask, stats = refine(lung_prob, pixels.shape, cfg.refine)
-        flags = [*qc_flags(stats, cfg.refine), *(n for n in image.decoded.notes if n in DECODE_NOTES_IN_QC)]
+        flags = [*qc_flags(stats, cfg.refine), *(n for n in image.notes if n in DECODE_NOTES_IN_QC)]
         variants = make_variants(pixels, mask, cfg.variants, cfg.variant)
         x0, y0, x1, y1 = stats.bbox if stats.bbox is not None else (None,) * 4
         values = {
@@ -114,7 +116,7 @@ def finish(image: Prepared, lung_prob: np.ndarray, cfg: ProcessConfig, schema: p
             "n_components": stats.n_components,
             "qc_flags": flags,
             "qc_pass": not (set(flags) & FAILING_QC),
-            "decode_notes": list(image.decoded.notes),
+            "decode_notes": list(image.notes),
             "model_name": cfg.model.name,
             "model_sha256": cfg.model_sha256,
             **image.columns,

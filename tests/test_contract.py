@@ -59,7 +59,7 @@ CHANGES = {  # field the refusal must name -> the change
 
 @pytest.mark.parametrize("field", list(CHANGES))
 def test_resume_refuses_to_mix_runs_that_differ(first_run, tmp_path, field):
-    inputs, out, cfg = first_run
+    _, out, cfg = first_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     change = dict(CHANGES[field])
@@ -101,7 +101,7 @@ def test_a_truncated_shard_is_moved_aside_and_its_inputs_redone(ray_local, tmp_p
     cfg = JobConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), variants=("masked",),
                     out=OutputConfig(rows_per_shard=2))
     run_job(cfg)
-    victim = sorted((tmp_path / "out" / "images").glob("part-*.parquet"))[0]
+    victim = min((tmp_path / "out" / "images").glob("part-*.parquet"))
     lost = pq.read_table(victim, columns=["source_path"]).column("source_path").to_pylist()
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     manifest = run_job(JobConfig(**{**cfg.__dict__, "resume": True}))

@@ -335,3 +335,46 @@ def test_real_pngs_and_jpegs_would_not_be_flipped():
     assert len(paths) >= 29
     flipped = [p.name for p in paths if polarity_score(_decode(p).pixels) < -0.10]
     assert len(flipped) <= len(paths) // 50, flipped
+
+
+# ----------------------------------------------------------------------------- issue #14.7, #14.8
+
+
+@pytest.mark.parametrize("slope", [0.0, float("nan"), float("inf"), 1e308])
+def test_a_rescale_that_leaves_no_image_is_an_error_not_a_black_row(tmp_path, slope):
+    path = write_dicom(tmp_path / "a.dcm", pixels=_tile(RAMP), bits_stored=12, rescale=(slope, 0.0))
+    with pytest.raises(DecodeError, match="RescaleSlope") as e:
+        _decode(path)
+    assert "inf" not in str(e.value) and "nan" not in str(e.value).lower()  # no header value in the message
+
+
+def test_an_image_of_one_value_is_an_error(tmp_path):
+    with pytest.raises(DecodeError, match="every pixel the same"):
+        decode_image(encode(".png", np.full((64, 64), 7, np.uint8)), source="flat.png")
+
+
+def test_burned_in_annotation_is_noted(tmp_path):
+    path = write_dicom(tmp_path / "a.dcm", pixels=_tile(RAMP), bits_stored=12, extra={"BurnedInAnnotation": "YES"})
+    assert "burned_in_annotation" in _decode(path).notes
+    plain = write_dicom(tmp_path / "b.dcm", pixels=_tile(RAMP), bits_stored=12, extra={"BurnedInAnnotation": "NO"})
+    assert "burned_in_annotation" not in _decode(plain).notes
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment holding one tag: Orientation (0x0112)."""
+    import struct
+
+    tiff = b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    body = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
+def test_a_jpeg_with_exif_orientation_6_is_decoded_upright():
+    """Issue #14.8: OpenCV turned it, then the header-shape check refused it."""
+    img = np.zeros((40, 64), np.uint8)
+    img[:, :8] = 255  # a bright band on the left of the stored pixels
+    img[5:35, 20:50] = 120
+    d = decode_image(with_exif_orientation(encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100]), 6), source="r.jpg")
+    assert d.pixels.shape == (64, 40) and "exif_orientation_applied" in d.notes
+    assert d.pixels[:8].mean() > 200  # orientation 6 turns it 90 degrees clockwise: the band is on top

@@ -166,6 +166,20 @@ def test_bad_options_are_refused_up_front(tmp_path, case):
     assert expected in lines[0]
 
 
+def test_a_gpu_pool_on_a_machine_without_gpus_is_refused(ray_local, tmp_path):
+    """Issue #14.9: --segment-gpus 1 without GPUs waited forever. The command refuses on a Ray of its own;
+    on a cluster the job gives up after --segment-start-timeout."""
+    from pipeline.bookkeeping import JobError
+    from pipeline.config import SegmentConfig
+
+    r = run_cli("--input", str(SAMPLES / "xrays"), "--output", str(tmp_path / "cli"), "--segment-gpus", "1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --segment-gpus 1 asks for GPUs")
+    cfg = JobConfig(inputs=(str(SAMPLES / "xrays"),), output=str(tmp_path / "out"), variants=("masked",),
+                    segment=SegmentConfig(gpus_per_actor=1, start_timeout_s=3))
+    with pytest.raises(JobError, match="did not start within 3 s: 0 of 1 actors up"):
+        run_job(cfg)
+
+
 def test_the_worker_path_never_imports_torch():
     """A worker that calls a segmenter pool (a GPU node's CPUs) decodes, refines and encodes without torch."""
     code = f"""

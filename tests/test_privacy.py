@@ -48,7 +48,7 @@ def test_the_decoder_hands_over_only_the_named_header_values(phi_decoded):
 
 def test_no_phi_in_the_output_columns(phi_decoded):
     decoded, values = phi_decoded
-    columns = header_columns(decoded.header, KEY)
+    columns, _ = header_columns(decoded.header, KEY)
     assert not [v for v in values if v in repr(columns)]
     assert set(columns) == set(DICOM_ALLOWLIST.values()) | {"pseudo_patient_id", "pseudo_study_id", "pseudo_image_id"}
 
@@ -82,11 +82,11 @@ def test_missing_attributes_are_none(tmp_path):
 
 def test_identifiers_are_raw_and_only_for_hashing(phi_decoded):
     decoded, _ = phi_decoded
-    columns = header_columns(decoded.header, KEY)
+    columns, _ = header_columns(decoded.header, KEY)
     assert columns["pseudo_patient_id"] == pseudonym(PHI_VALUES["PatientID"], KEY)
     assert columns["pseudo_study_id"] == pseudonym(PHI_VALUES["StudyInstanceUID"], KEY)
     assert columns["pseudo_image_id"] == pseudonym(PHI_VALUES["SOPInstanceUID"], KEY)
-    unkeyed = header_columns(decoded.header, None)
+    unkeyed, _ = header_columns(decoded.header, None)
     assert unkeyed["pseudo_patient_id"] is None and unkeyed["dicom_modality"] == "DX"
 
 
@@ -123,4 +123,50 @@ def test_non_dicom_has_no_attributes_or_identifiers(tmp_path):
 
     decoded = decode_image(encode(".png", (phantom_xray(64, 64) >> 8).astype("uint8")), source="a.png")
     assert decoded.header == {}
-    assert set(header_columns(decoded.header, KEY).values()) == {None}
+    columns, notes = header_columns(decoded.header, KEY)
+    assert set(columns.values()) == {None} and notes == []
+
+
+# --- issue #14.6: nothing from a header in messages, logs or coded columns ----------------------------
+
+SECRET = "Jane^Doe-1961"  # what a careless or crafted header puts where it does not belong
+
+
+def test_coded_attributes_are_kept_only_as_defined_terms(tmp_path):
+    path = write_dicom(tmp_path / "a.dcm", pixels=phantom_xray(64, 64) >> 4,
+                       extra={"ViewPosition": SECRET[:16], "Modality": "OT"})
+    decoded = decode_image(path.read_bytes(), source="a.dcm")
+    columns, notes = header_columns(decoded.header, KEY)
+    assert columns["dicom_view_position"] is None and columns["dicom_modality"] == "OT"
+    assert notes == ["dicom_view_position_not_a_defined_term"]
+    assert SECRET[:16] not in repr(columns) + repr(notes)
+
+
+@pytest.mark.parametrize("field", ["NumberOfFrames", "PhotometricInterpretation", "TransferSyntaxUID", "Rows"])
+def test_error_messages_and_logs_never_quote_a_header_value(tmp_path, caplog, field):
+    """pydicom's exception texts and warnings quote values; the messages are built from the tag name only."""
+    import logging
+    import warnings
+
+    import pydicom
+
+    from pipeline.decode import DecodeError
+
+    path = write_dicom(tmp_path / "a.dcm", pixels=phantom_xray(64, 64) >> 4)
+    ds = pydicom.dcmread(path)
+    if field == "TransferSyntaxUID":
+        secret = "1.2.3.4.19610417"  # an unknown syntax carrying a birth date
+        ds.file_meta.TransferSyntaxUID = secret
+    else:
+        secret = SECRET  # planted as text where a number or a defined term belongs
+        tag = pydicom.datadict.tag_for_keyword(field)
+        ds[tag] = pydicom.DataElement(tag, "LO", secret)
+    ds.save_as(path, enforce_file_format=False)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DecodeError) as e:
+            decode_image(path.read_bytes(), source="a.dcm")
+    assert secret not in str(e.value), str(e.value)
+    assert not [r for r in caplog.records if secret in r.getMessage()]
+    assert not [w for w in caught if secret in str(w.message)]
