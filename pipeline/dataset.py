@@ -48,6 +48,7 @@ WRITERS_PER_WORKERS = 16  # one shard writer per this many workers, at least one
 TAIL_SHARE = 2  # a block holds at most 1 / (TAIL_SHARE * workers) of the work left (see source_blocks)
 CALLS_QUEUED_PER_WORKER = 2  # a worker starts its next block as soon as one ends
 OUTPUT_BLOCK_BYTES = 32 * 1024**2  # a worker emits its result rows in blocks of about this many PNG bytes
+PASSES = 3  # a run processes again, at most this often, the inputs whose results a lost node took with it
 
 __all__ = ["JobError", "Layout", "build_dataset", "check_output", "plan_layout", "preprocess", "run_job", "source_files"]
 
@@ -279,6 +280,7 @@ class WriteStats:
     result_rows: int = 0
     result_bytes: int = 0  # their in-memory size: what the object store held on the way to the writers
     shards: list[dict] = field(default_factory=list)  # one {kind, file, rows} per shard written
+    failed_writes: int = 0  # writes whose blocks were lost (a node gone): their inputs are done again
     first_result_at: float | None = None  # time.time() when the first result block reached the driver
     last_result_at: float | None = None  # ... and the last
     first_result_rows: int = 0  # rows of that first block
@@ -311,7 +313,16 @@ def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int) ->
         group, rows, size = [], 0, 0
         while len(in_flight) > writes_in_flight:
             done, in_flight[:] = ray.wait(in_flight, num_returns=1)
-            stats.shards.extend(ray.get(done[0]))
+            collect(done[0])
+
+    def collect(ref) -> None:
+        try:
+            stats.shards.extend(ray.get(ref))
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.RayTaskError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, ray.exceptions.ObjectLostError):
+                raise
+            stats.failed_writes += 1  # result blocks that lived on a lost node: run_job processes their inputs again
+            log.warning("a shard write lost its input blocks (%s); its inputs will be processed again", type(e).__name__)
 
     for bundle in results.iter_internal_ref_bundles():
         for entry, block_slice in zip(bundle.blocks, bundle.slices):
@@ -329,7 +340,7 @@ def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int) ->
                 stats.result_blocks + 1, stats.result_rows + n, stats.result_bytes + nbytes)
     submit()
     for ref in in_flight:
-        stats.shards.extend(ray.get(ref))
+        collect(ref)
     return stats
 
 
@@ -349,15 +360,22 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
     files = source_files(cfg)
     todo = pending(files, cfg.output)
     log.info("%d inputs, %d already done, %d to process", len(files), len(files) - len(todo), len(todo))
-    stats = WriteStats()
-    if todo:
+    processed, redone, stats = len(todo), 0, WriteStats()
+    for attempt in range(PASSES):
+        if not todo:
+            break
+        if attempt:
+            log.warning("pass %d: %d inputs whose results were lost (a node gone mid-run) are processed again", attempt + 1, len(todo))
+            redone += len(todo)
         layout = plan_layout(cfg)
         log.info("%s", layout)
         blocks = source_blocks(todo, cfg, workers=layout.workers)
         results = map_sources(blocks, cfg, layout=layout, segmenter=segmenter, weights=weights)
         stats = write_dataset(results, cfg, writers=layout.writers)
         stats.source_bytes = sum(b.nbytes for b in blocks)
-    run = {"processed": len(todo), "object_store_bytes": {"sources": stats.source_bytes, "results": stats.result_bytes},
+        todo = pending(files, cfg.output) if stats.failed_writes else []
+    run = {"processed": processed, "redone_after_loss": redone,
+           "object_store_bytes": {"sources": stats.source_bytes, "results": stats.result_bytes},
            "first_result_s": round(stats.first_result_at - started, 2) if stats.first_result_at else None}
     if stats.steady_images_per_s():
         run["steady_images_per_s"] = round(stats.steady_images_per_s(), 2)

@@ -411,3 +411,69 @@ def cmyk_jpeg(h: int = 64, w: int = 64, cmyk: tuple[int, int, int, int] = (30, 6
         b"\xff\xd8" + seg(0xEE, app14) + seg(0xDB, dqt) + seg(0xC0, sof) + seg(0xC4, dht) + seg(0xDA, sos)
         + bytes(scan) + b"\xff\xd9"
     )
+
+
+# ----------------------------------------------------------------------------- hostile corpus (issue #14)
+
+PATIENT_FOLDER = "PHI-PatientName-7f3a"  # a folder named after a patient, as sites do
+FREE_TEXT_VIEW = "SMITHJOHN1961"  # free text where ViewPosition wants a defined term
+FRAMES_TEXT = "PHI-Frames-7f3a"  # text where NumberOfFrames wants a number
+SECRET_SYNTAX = "1.2.3.19610417"  # an unknown TransferSyntaxUID carrying a birth date
+
+
+def _exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an APP1 Exif segment holding one tag: Orientation (0x0112)."""
+    tiff = b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    body = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
+def make_hostile_corpus(root: str | os.PathLike) -> tuple[dict[bytes, str], list[str]]:
+    """The bad corpus plus the cases of issue #14, under root.
+
+    Returns ({raw relative path (bytes): "ok" | "error"}, the planted values that must appear in no
+    byte of the output). Names include two distinct files whose old escaped names were equal, a
+    folder whose name is not UTF-8 and a folder named after a patient.
+    """
+    import pydicom
+
+    root = Path(root)
+    outcome = {os.fsencode(k): v for k, v in make_bad_corpus(root).items()}
+    phantom = phantom_xray(64, 64)
+    good_png = encode(".png", _u8(phantom))
+
+    def put(rel: bytes, data: bytes, result: str) -> None:
+        path = Path(os.fsdecode(os.fsencode(root) + b"/" + rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        outcome[rel] = result
+
+    def dicom(rel: bytes, result: str, **kwargs) -> Path:
+        path = Path(os.fsdecode(os.fsencode(root) + b"/" + rel))
+        write_dicom(path, pixels=phantom >> 4, bits_stored=12, **kwargs)
+        outcome[rel] = result
+        return path
+
+    put(b"a\xff.png", good_png, "ok")
+    put(b"a\\xff.png", encode(".png", cv2.add(_u8(phantom), 1)), "ok")  # was the same source_path as the one above
+    put(b"dir_\xe9/x.png", encode(".png", cv2.add(_u8(phantom), 2)), "ok")
+    put(PATIENT_FOLDER.encode() + b"/chest.png", encode(".png", cv2.add(_u8(phantom), 3)), "ok")
+    put(b"exif6.jpg", _exif_orientation(encode(".jpg", _u8(phantom_xray(48, 64))), 6), "ok")  # not square: it turns
+    put(b"flat.png", encode(".png", np.full((64, 64), 9, np.uint8)), "error")
+    put(b"png12bit.png", encode(".png", phantom >> 4), "ok")
+    dicom(b"rescale_zero.dcm", "error", rescale=(0.0, 0.0))
+    dicom(b"rescale_nan.dcm", "error", rescale=(float("nan"), 0.0))
+    dicom(b"burned_in.dcm", "ok", extra={"BurnedInAnnotation": "YES"})
+    dicom(b"free_text_view.dcm", "ok", extra={"ViewPosition": FREE_TEXT_VIEW})
+    frames = dicom(b"frames_text.dcm", "error")
+    ds = pydicom.dcmread(frames)
+    ds[0x00280008] = pydicom.DataElement(0x00280008, "LO", FRAMES_TEXT)
+    ds.save_as(frames, enforce_file_format=False)
+    syntax = dicom(b"syntax_secret.dcm", "error")
+    ds = pydicom.dcmread(syntax)
+    ds.file_meta.TransferSyntaxUID = SECRET_SYNTAX
+    ds.save_as(syntax, enforce_file_format=False)
+    secrets = write_phi_dicom(root / "phi.dcm")
+    outcome[b"phi.dcm"] = "ok"
+    return outcome, [*secrets, PATIENT_FOLDER, FREE_TEXT_VIEW, FRAMES_TEXT, SECRET_SYNTAX]

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
-from corpus import make_bad_corpus, phantom_xray, write_dicom, write_phi_dicom
+from corpus import make_bad_corpus, make_hostile_corpus, phantom_xray, write_dicom, write_phi_dicom
 
 from pipeline.config import JobConfig
 from pipeline.dataset import run_job
@@ -262,3 +262,39 @@ def test_cli_options_reach_the_segmenter_config(tmp_path):
     cfg = job.config_from_args(job.parse_args([*base, "--segment-cpu-precision", "bf16", "--segment-batch", "8"]))
     assert cfg.segment.cpu_bf16 is True and cfg.segment.batch_size == 8
     assert job.config_from_args(job.parse_args([*base, "--segment-cpu-precision", "fp32"])).segment.cpu_bf16 is False
+
+
+def raw_listing(root: Path, *, skip: Path) -> list[bytes]:
+    """Every non-directory entry under root, as raw relative paths, counted by os.walk on bytes (not by the job)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) != os.fsencode(skip)
+                       and not os.path.islink(os.path.join(dirpath, d))]
+        found += [os.path.relpath(os.path.join(dirpath, f), os.fsencode(root)) for f in filenames]
+    return found
+
+
+def test_a_hostile_corpus_in_hashed_mode_every_file_once_and_no_planted_value_anywhere(ray_local, tmp_path):
+    """Issue #14: 45 hostile inputs, one job, --source-path hashed with a key, the output inside the input root."""
+    root = tmp_path / "in"
+    expected, secrets = make_hostile_corpus(root)
+    out = root / "out"  # inside the input root: must not be read as input
+    listing = raw_listing(root, skip=out)
+    assert len(listing) >= 40 and sorted(listing) == sorted(expected)
+    key = b"site-secret-key"
+    manifest = run_job(JobConfig(inputs=(str(root),), output=str(out), variants=("masked",),
+                                 source_path_mode="hashed", pseudonym_key=key))
+    _, images, errors = read_output(out)
+    assert manifest["complete"] and len(images) + len(errors) == len(listing) == manifest["counts"]["images_in"]
+    assert len({r["source_path"] for r in images + errors}) == len(listing)  # exactly once each
+    assert len(images) == sum(v == "ok" for v in expected.values())
+    readable = set(sha256_of_tree(root).values()) - set(sha256_of_tree(out).values())
+    assert {r["source_sha256"] for r in images + errors if r["source_sha256"]} == readable
+    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    leaked = [v for v in secrets if v.encode() in blob]
+    assert not leaked, leaked
+    assert b"site-secret-key" not in blob and str(root).encode() not in blob
+    burned = [r for r in images if "burned_in_annotation" in r["qc_flags"]]
+    assert len(burned) == 1 and not burned[0]["qc_pass"]
+    assert sum("dicom_view_position_not_a_defined_term" in r["decode_notes"] for r in images) == 1
+    assert sum("exif_orientation_applied" in r["decode_notes"] for r in images) == 1

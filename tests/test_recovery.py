@@ -142,3 +142,18 @@ def test_killed_driver_then_resume_gives_every_input_exactly_once(tmp_path):
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["runs"][-1]["processed"] == len(names) - sum(before.values())
+
+
+def test_a_worker_node_lost_mid_run_costs_no_input_and_duplicates_none(tmp_path):
+    """Issue #14.11: a whole worker node (raylet, object store, workers) goes away mid-run."""
+    names = write_phantoms(tmp_path / "in", 24)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss.py"), str(tmp_path / "in"), str(out)],
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["removed"], "the node was never removed: the test did not test anything"
+    assert result["complete"] and result["counts"]["ok"] == len(names)
+    assert source_paths(out) == Counter(names)  # every input exactly once, counted from the files
+    print("redone after the loss:", result["run"]["redone_after_loss"], "of", len(names))
