@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     c = manifest["counts"]
     seconds = time.time() - started
     rate = manifest["runs"][-1]["processed"] / seconds if seconds > 0 else 0.0
-    print(f"done: {c['images_in']} inputs, {c['ok']} images ok, {c['errors']} errors, "
+    burned = c["qc_flags"].get("burned_in_annotation", 0)
+    print(f"done: {c['images_in']} inputs, {c['ok']} images ok ({c['qc_failed']} failing QC"
+          f"{f', {burned} with burned-in annotation' if burned else ''}), {c['errors']} errors, "
           f"{rate:.1f} images/s over {seconds:.1f} s -> {cfg.output}")
     if c["ok"] == 0:  # nothing to train on is a failure, whatever the reason
         what = "no input files were found" if c["images_in"] == 0 else f"none of the {c['images_in']} inputs became an image"

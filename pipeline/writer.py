@@ -27,6 +27,7 @@ import json
 import logging
 import posixpath
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -237,6 +238,17 @@ def shard_source_paths(output: str) -> dict[str, dict[str, list[str]]]:
                 log.warning("shard %s/%s cannot be read (%s): moved to %s/%s/, its inputs will be processed again",
                             kind, name, type(e).__name__, QUARANTINE_DIR, kind)
     return found
+
+
+def qc_counts(output: str) -> dict:
+    """{"qc_failed": rows with qc_pass false, "qc_flags": {flag: rows}} over the images shards (two small columns)."""
+    fs, _ = output_fs(output)
+    failed, flags = 0, Counter()
+    for path in list_shards(output)[IMAGES_DIR]:
+        table = pq.read_table(path, columns=["qc_pass", "qc_flags"], filesystem=fs)
+        failed += table.num_rows - pc.sum(table.column("qc_pass")).as_py() if table.num_rows else 0
+        flags.update(f for row in table.column("qc_flags").to_pylist() for f in row or [])
+    return {"qc_failed": failed, "qc_flags": dict(sorted(flags.items()))}
 
 
 def rewrite_without(output: str, kind: str, path: str, drop: list[int], *, cfg: OutputConfig) -> tuple[str | None, list[str]]:

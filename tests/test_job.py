@@ -15,7 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
-from corpus import make_bad_corpus, make_hostile_corpus, phantom_xray, write_dicom, write_phi_dicom
+from corpus import (
+    make_bad_corpus,
+    make_hostile_corpus,
+    phantom_xray,
+    write_dicom,
+    write_phi_dicom,
+)
 
 from pipeline.config import JobConfig
 from pipeline.dataset import run_job
@@ -296,5 +302,7 @@ def test_a_hostile_corpus_in_hashed_mode_every_file_once_and_no_planted_value_an
     assert b"site-secret-key" not in blob and str(root).encode() not in blob
     burned = [r for r in images if "burned_in_annotation" in r["qc_flags"]]
     assert len(burned) == 1 and not burned[0]["qc_pass"]
+    assert manifest["counts"]["qc_flags"]["burned_in_annotation"] == 1  # counted in the summary
+    assert manifest["counts"]["qc_failed"] == sum(not r["qc_pass"] for r in images)
     assert sum("dicom_view_position_not_a_defined_term" in r["decode_notes"] for r in images) == 1
     assert sum("exif_orientation_applied" in r["decode_notes"] for r in images) == 1
