@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	rm -rf out/demo
-	$(PY) jobs/preprocess.py --input samples/xrays --output out/demo
+	$(VENV)/bin/xray-lung-prep preprocess --input samples/xrays --output out/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

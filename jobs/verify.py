@@ -1,30 +1,11 @@
-"""Check an output folder (or URI) against its manifest; exit 1 with one line per problem.
+"""`xray-lung-prep verify` as a script, for `ray job submit --working-dir . -- python jobs/verify.py ...`.
 
-    python jobs/verify.py OUTPUT
-
-Run it after the job, or after copying an output elsewhere. See pipeline/verify.py for what is checked.
+The command lives in pipeline/commands/verify.py; see `xray-lung-prep verify --help`.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from pipeline.verify import verify
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output", help="the job's output folder or URI")
-    args = p.parse_args(argv)
-    problems = verify(args.output)
-    for problem in problems:
-        print(f"problem: {problem}", file=sys.stderr)
-    if problems:
-        return 1
-    print(f"ok: {args.output} keeps its contract")
-    return 0
-
+from pipeline.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["verify", *sys.argv[1:]]))

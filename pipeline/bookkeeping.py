@@ -34,6 +34,7 @@ from pipeline.writer import (
     IMAGES_DIR,
     KINDS,
     OutputConfig,
+    error_reasons,
     list_shards,
     output_is_empty,
     package_version,
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("ray", "torch", "numpy", "opencv-python-headless", "pyarrow", "pydicom")
 KEY_FINGERPRINT_MESSAGE = b"xray-lung-prep key fingerprint"  # HMAC'd with the key: compares keys without writing one
 FINGERPRINT_HEX = 16  # hex digits of the key fingerprint kept
+ERROR_REASONS_KEPT = 10  # the most frequent error reasons listed in the manifest
 
 
 class JobError(RuntimeError):
@@ -215,6 +217,7 @@ def finalize(cfg: JobConfig, files: list[SourceFile], weights: Weights, *, run: 
             "duplicates_removed": removed,
             **qc_counts(cfg.output),
         },
+        "error_reasons": error_reasons(cfg.output, top=ERROR_REASONS_KEPT),
         "options": written_options(cfg),
         "model": {"name": weights.meta.name, "sha256": weights.sha256, "meta": weights.meta.to_dict()},
         "versions": library_versions(),

@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ WRITERS_PER_WORKERS = 16  # one shard writer per this many workers, at least one
 TAIL_SHARE = 2  # a block holds at most 1 / (TAIL_SHARE * workers) of the work left (see source_blocks)
 CALLS_QUEUED_PER_WORKER = 2  # a worker starts its next block as soon as one ends
 OUTPUT_BLOCK_BYTES = 32 * 1024**2  # a worker emits its result rows in blocks of about this many PNG bytes
+PROGRESS_EVERY_S = 30  # seconds between progress lines when stderr is not a terminal
+BAR_COLUMNS = 100  # width of the progress bar when the terminal does not tell its own
 PASSES = 3  # a run processes again, at most this often, the inputs whose results a lost node took with it
 
 __all__ = ["JobError", "Layout", "build_dataset", "check_output", "plan_layout", "preprocess", "run_job", "source_files"]
@@ -292,11 +295,41 @@ class WriteStats:
         return (self.result_rows - self.first_result_rows) / (self.last_result_at - self.first_result_at)
 
 
-def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int) -> WriteStats:
+class Progress:
+    """Images done so far: a live bar in a terminal, a plain line every PROGRESS_EVERY_S seconds when piped."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.time()
+        self.last_line = self.started
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns or BAR_COLUMNS  # 0: a terminal without a size
+            self.bar = tqdm(total=total, unit="img", desc="images", smoothing=0.05, ncols=columns)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.time() - self.last_line >= PROGRESS_EVERY_S or self.done == self.total:
+            self.last_line = time.time()
+            rate = self.done / max(self.last_line - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("%d of %d images (%.1f/s, %s left)", self.done, self.total, rate,
+                     f"{eta / 60:.0f} min" if eta != float("inf") else "?")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int, total: int = 0) -> WriteStats:
     """Stream the result blocks into shard writers; returns what went through and what was written.
 
     The driver sees only block references and their metadata (rows, bytes): a group of blocks becomes
     one write when the next block would take it over rows_per_shard rows or max_shard_bytes bytes.
+    `total`: the inputs in this pass, for the progress report.
     """
     writer = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD")
     pool = itertools.cycle([writer.remote(cfg.output, tuple(cfg.variants), cfg.out) for _ in range(writers)])
@@ -324,6 +357,7 @@ def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int) ->
             stats.failed_writes += 1  # result blocks that lived on a lost node: run_job processes their inputs again
             log.warning("a shard write lost its input blocks (%s); its inputs will be processed again", type(e).__name__)
 
+    progress = Progress(total)
     for bundle in results.iter_internal_ref_bundles():
         for entry, block_slice in zip(bundle.blocks, bundle.slices):
             if block_slice is not None:
@@ -338,9 +372,11 @@ def write_dataset(results: ray.data.Dataset, cfg: JobConfig, *, writers: int) ->
                 stats.first_result_at, stats.first_result_rows = stats.last_result_at, n
             stats.result_blocks, stats.result_rows, stats.result_bytes = (
                 stats.result_blocks + 1, stats.result_rows + n, stats.result_bytes + nbytes)
+            progress.update(n)
     submit()
     for ref in in_flight:
         collect(ref)
+    progress.close()
     return stats
 
 
@@ -371,7 +407,7 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
         log.info("%s", layout)
         blocks = source_blocks(todo, cfg, workers=layout.workers)
         results = map_sources(blocks, cfg, layout=layout, segmenter=segmenter, weights=weights)
-        stats = write_dataset(results, cfg, writers=layout.writers)
+        stats = write_dataset(results, cfg, writers=layout.writers, total=len(todo))
         stats.source_bytes = sum(b.nbytes for b in blocks)
         todo = pending(files, cfg.output) if stats.failed_writes else []
     run = {"processed": processed, "redone_after_loss": redone,

@@ -29,7 +29,6 @@ import posixpath
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,10 +70,9 @@ class OutputConfig:
 
 
 def package_version() -> str:
-    try:
-        return metadata.version("xray-lung-prep")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    from pipeline.cli import version
+
+    return version()
 
 
 def with_contract_metadata(table: pa.Table) -> pa.Table:
@@ -249,6 +247,18 @@ def qc_counts(output: str) -> dict:
         failed += table.num_rows - pc.sum(table.column("qc_pass")).as_py() if table.num_rows else 0
         flags.update(f for row in table.column("qc_flags").to_pylist() for f in row or [])
     return {"qc_failed": failed, "qc_flags": dict(sorted(flags.items()))}
+
+
+def error_reasons(output: str, *, top: int) -> list[dict]:
+    """The `top` most frequent reasons in errors/: [{stage, error_type, reason, count}], the file's own
+    name replaced by <file> in the reason so that one cause counts once."""
+    fs, _ = output_fs(output)
+    reasons: Counter = Counter()
+    for path in list_shards(output)[ERRORS_DIR]:
+        table = pq.read_table(path, columns=["source_path", "stage", "error_type", "message"], filesystem=fs)
+        for row in table.to_pylist():
+            reasons[(row["stage"], row["error_type"], (row["message"] or "").replace(row["source_path"] or "\0", "<file>"))] += 1
+    return [{"stage": s, "error_type": t, "reason": r, "count": n} for (s, t, r), n in reasons.most_common(top)]
 
 
 def rewrite_without(output: str, kind: str, path: str, drop: list[int], *, cfg: OutputConfig) -> tuple[str | None, list[str]]:

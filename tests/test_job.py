@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -260,9 +259,8 @@ def test_dicom_pixels_reach_the_output_in_the_right_polarity(ray_local, tmp_path
 
 
 def test_cli_options_reach_the_segmenter_config(tmp_path):
-    spec = importlib.util.spec_from_file_location("job_preprocess", REPO / "jobs" / "preprocess.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from pipeline.commands import preprocess as job
+
     base = ["--input", str(SAMPLES / "xrays"), "--output", str(tmp_path / "out")]
     assert job.config_from_args(job.parse_args(base)).segment.cpu_bf16 is None  # auto
     cfg = job.config_from_args(job.parse_args([*base, "--segment-cpu-precision", "bf16", "--segment-batch", "8"]))
@@ -306,3 +304,64 @@ def test_a_hostile_corpus_in_hashed_mode_every_file_once_and_no_planted_value_an
     assert manifest["counts"]["qc_failed"] == sum(not r["qc_pass"] for r in images)
     assert sum("dicom_view_position_not_a_defined_term" in r["decode_notes"] for r in images) == 1
     assert sum("exif_orientation_applied" in r["decode_notes"] for r in images) == 1
+
+
+def test_the_command_is_installed_versioned_and_runs_from_any_folder(tmp_path):
+    """`pip install .` gives `xray-lung-prep`; `python -m pipeline` is the same; --help shows defaults."""
+    exe = Path(sys.executable).parent / "xray-lung-prep"
+    version = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path)
+    assert version.stdout.startswith("xray-lung-prep ") and "unknown" not in version.stdout
+    helps = subprocess.run([sys.executable, "-m", "pipeline", "preprocess", "--help"], capture_output=True, text=True,
+                           timeout=60, check=True, cwd=tmp_path)
+    assert "(default: 1000)" in helps.stdout and "xray-lung-prep preprocess" in helps.stdout
+    out = tmp_path / "out"
+    r = subprocess.run([str(exe), "preprocess", "--input", str(SAMPLES / "xrays"), "--output", str(out), "--variants", "masked"],
+                       capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    ok = subprocess.run([str(exe), "verify", str(out)], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_terminal_run_shows_a_moving_progress_bar_and_a_summary(tmp_path):
+    """In a pseudo-terminal the command draws a bar that moves; the summary gives counts, reasons and the output."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(root / f"img_{i}.png"), cv2.add((phantom_xray(128, 128) >> 8).astype(np.uint8), np.full((128, 128), i, np.uint8)))
+    (root / "junk.png").write_bytes(b"not an image at all")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "preprocess", "--input", str(root), "--output",
+                             str(tmp_path / "out"), "--variants", "masked"], stdout=subprocess.PIPE, stderr=slave,
+                            env={**os.environ, "RAY_ADDRESS": "local"}, cwd=tmp_path)
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the command closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    stdout = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, terminal[-2000:]
+    bars = [line for line in terminal.decode(errors="replace").replace("\r", "\n").splitlines() if line.startswith("images:")]
+    assert len({b.split("|")[0] for b in bars}) >= 2, bars  # the bar was drawn at more than one point
+    assert bars[-1].lstrip("images: ").startswith("100%") and "7/7" in bars[-1]
+    assert "done: 7 inputs: 6 images" in stdout and "1 errors" in stdout
+    assert "1 x decode DecodeError: not a recognised image" in stdout
+    assert f"output: {tmp_path / 'out'}" in stdout
+
+
+def test_a_relative_output_under_ray_job_submit_is_refused(tmp_path):
+    """Under `ray job submit` the working directory is Ray's temporary copy: the output would vanish there."""
+    r = subprocess.run([sys.executable, "-m", "pipeline", "preprocess", "--input", str(SAMPLES / "xrays"), "--output", "out"],
+                       capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+                       env={**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"})
+    assert r.returncode == 2 and "ray job submit" in r.stderr and not (tmp_path / "out").exists()

@@ -44,10 +44,7 @@ TINY_ARCH = {"input_size": 32, "base_width": 4, "depth": 2, "batch_size": 4, "lo
 
 
 def _load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"pipeline.commands.{name}")
 
 
 def _pair(i: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
