@@ -25,11 +25,13 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import TYPE_CHECKING
 
+from pipeline.card import dataset_card
 from pipeline.config import JobConfig
 from pipeline.discover import SourceFile, is_uri, spell
 from pipeline.privacy import pseudonym
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.writer import (
+    CARD,
     ERRORS_DIR,
     IMAGES_DIR,
     KINDS,
@@ -45,6 +47,7 @@ from pipeline.writer import (
     shard_source_paths,
     write_empty_shards,
     write_manifest,
+    write_text,
 )
 
 if TYPE_CHECKING:
@@ -231,6 +234,7 @@ def finalize(cfg: JobConfig, files: list[SourceFile], weights: Weights, *, run: 
         "shards": {kind: sorted(p.rsplit("/", 1)[-1] for p in sources[kind]) for kind in KINDS},
     }
     write_manifest(cfg.output, manifest)
+    write_text(cfg.output, CARD, dataset_card(tuple(cfg.variants), manifest))
     manifest = read_manifest(cfg.output)  # as written: plain JSON types
     if duplicated or missing or unexpected:
         raise JobError(

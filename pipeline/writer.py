@@ -50,6 +50,7 @@ IMAGES_DIR = "images"
 ERRORS_DIR = "errors"
 KINDS = (IMAGES_DIR, ERRORS_DIR)
 MANIFEST = "manifest.json"
+CARD = "README.md"  # the dataset card (pipeline.card): datasets.load_dataset(OUTPUT) reads it
 QUARANTINE_DIR = "quarantine"  # finished shards that cannot be read are moved here, and their inputs redone
 SHARD_PREFIX = "part-"
 TMP_PREFIX = "."
@@ -138,9 +139,13 @@ def write_atomic(table: pa.Table, fs: pafs.FileSystem, directory: str, name: str
     final = f"{directory}/{name}.parquet"
     tmp = f"{directory}/{TMP_PREFIX}{name}.parquet.tmp-{uuid.uuid4().hex}"
     fs.create_dir(directory, recursive=True)
-    mean_row = max(1, sum(row_bytes(table)) // max(1, table.num_rows))
-    pq.write_table(with_contract_metadata(table), tmp, filesystem=fs, row_group_size=max(1, cfg.row_group_bytes // mean_row),
-                   **parquet_options(table.schema, cfg.compression))
+    table = with_contract_metadata(table)
+    if table.num_rows == 0:  # no row group at all: readers (Hugging Face datasets) choke on an empty one
+        pq.ParquetWriter(tmp, table.schema, filesystem=fs, **parquet_options(table.schema, cfg.compression)).close()
+    else:
+        mean_row = max(1, sum(row_bytes(table)) // table.num_rows)
+        pq.write_table(table, tmp, filesystem=fs, row_group_size=max(1, cfg.row_group_bytes // mean_row),
+                       **parquet_options(table.schema, cfg.compression))
     fs.move(tmp, final)
     return final
 
@@ -296,10 +301,15 @@ def read_manifest(output: str) -> dict | None:
         return json.loads(f.read().decode("utf-8"))
 
 
-def write_manifest(output: str, manifest: dict) -> None:
+def write_text(output: str, name: str, text: str) -> None:
+    """A small text file at OUTPUT/name, written atomically."""
     fs, base = output_fs(output)
     fs.create_dir(base, recursive=True)
-    tmp = f"{base}/{TMP_PREFIX}{MANIFEST}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{base}/{TMP_PREFIX}{name}.tmp-{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
-    fs.move(tmp, f"{base}/{MANIFEST}")
+        f.write(text.encode("utf-8"))
+    fs.move(tmp, f"{base}/{name}")
+
+
+def write_manifest(output: str, manifest: dict) -> None:
+    write_text(output, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
