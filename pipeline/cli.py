@@ -21,6 +21,7 @@ DISTRIBUTION = "xray-lung-prep"
 COMMANDS = {  # name -> (module with main(argv, prog), what it does)
     "preprocess": ("pipeline.commands.preprocess", "segment the lungs and write lung-focused Parquet shards"),
     "verify": ("pipeline.commands.verify", "check an output folder or URI against its manifest"),
+    "contact-sheet": ("pipeline.commands.contact_sheet", "draw sample and QC-flagged masks of an output as one PNG"),
     "train": ("pipeline.commands.train", "train the lung UNET (Ray Train, or --backend local)"),
     "evaluate": ("pipeline.commands.evaluate", "measure the model through the job on labelled sets"),
     "pack-pairs": ("pipeline.commands.pack_pairs", "pack image/mask pairs into one .npz for a training machine"),

@@ -78,13 +78,17 @@ NO_VARIANT_GRAY = 2  # without a variant column the tile shows mask // this (lun
 BAND_BGR = (64, 64, 64)  # background of the bands
 BAND_TEXT_BGR = (255, 255, 255)
 LABEL_BGR = (255, 255, 0)  # tile labels (cyan, as pipeline.evaluate.overlay)
-SHADOW_BGR = (0, 0, 0)  # drawn under every label so it reads on bright pixels too
+LABEL_BACK_BGR = (0, 0, 0)  # filled behind tile labels so they read on bright pixels too
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 BAND_FONT_SCALE = 0.55
 LABEL_FONT_SCALE = 0.4
 LABEL_MARGIN_PX = 4  # label text inset from the tile's edge
 PATH_LABEL_CHARS = 30  # the end of source_path shown at a tile's bottom
 CONTRAST_ORDER = ("", "eq", "clahe")  # among variants of one region, the least processed first
+
+
+def images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ class Group:
     def title(self) -> str:
         """The header band's text, e.g. 'one_lung: 37 images (8 shown)'."""
         if self.name == SAMPLE_GROUP:
-            return f"random sample: {len(self.rows)} of {self.total} images"
-        return f"{self.name}: {self.total} images ({len(self.rows)} shown)"
+            return f"random sample: {len(self.rows)} of {images(self.total)}"
+        return f"{self.name}: {images(self.total)} ({len(self.rows)} shown)"
 
 
 @dataclass(frozen=True)
@@ -281,22 +285,33 @@ def mask_in_variant(mask: np.ndarray, spec: VariantSpec | None, bbox: tuple[int,
     return np.where(out >= MASK_ON, 255, 0).astype(np.uint8)
 
 
-def letterbox(img: np.ndarray, side: int, *, interpolation: int = cv2.INTER_AREA) -> np.ndarray:
-    """(h, w[, 3]) uint8 -> (side, side[, 3]): scaled so the longer side fits, centred on black."""
+def letterbox(img: np.ndarray, side: int, *, interpolation: int | None = None) -> np.ndarray:
+    """(h, w[, 3]) uint8 -> (side, side[, 3]): scaled so the longer side fits, centred on black.
+
+    `interpolation` None: area when shrinking, bilinear when enlarging.
+    """
     h, w = img.shape[:2]
     scale = side / max(h, w)
     nw, nh = max(1, min(side, round(w * scale))), max(1, min(side, round(h * scale)))
+    if interpolation is None:
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     scaled = cv2.resize(img, (nw, nh), interpolation=interpolation)
     top, left = (side - nh) // 2, (side - nw) // 2
     return cv2.copyMakeBorder(scaled, top, side - nh - top, left, side - nw - left, cv2.BORDER_CONSTANT, value=0)
 
 
-def put_label(tile: np.ndarray, text: str, org: tuple[int, int], *, scale: float = LABEL_FONT_SCALE,
-              color: tuple[int, int, int] = LABEL_BGR) -> None:
-    """Draw ASCII `text` (other characters as '?') at `org` (x, baseline y) on a BGR uint8 image, over a dark shadow."""
+def put_label(img: np.ndarray, text: str, org: tuple[int, int], *, scale: float = LABEL_FONT_SCALE,
+              color: tuple[int, int, int] = LABEL_BGR, backed: bool = True) -> None:
+    """Draw ASCII `text` (other characters as '?') at `org` (x, baseline y) on a BGR uint8 image.
+
+    `backed` first fills the text's box (+1 px) with LABEL_BACK_BGR, so it reads on bright pixels too.
+    """
     text = text.encode("ascii", "replace").decode("ascii")
-    cv2.putText(tile, text, org, FONT, scale, SHADOW_BGR, 3, cv2.LINE_AA)
-    cv2.putText(tile, text, org, FONT, scale, color, 1, cv2.LINE_AA)
+    if backed:
+        (w, h), descent = cv2.getTextSize(text, FONT, scale, 1)
+        x, y = org
+        cv2.rectangle(img, (x - 1, y - h - 1), (x + w, y + descent), LABEL_BACK_BGR, cv2.FILLED)
+    cv2.putText(img, text, org, FONT, scale, color, 1, cv2.LINE_AA)
 
 
 def outline_tile(image: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[int, int, int]]], *,
@@ -312,12 +327,12 @@ def outline_tile(image: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[i
             raise ValueError(f"expected masks of the image's shape {image.shape}, got {mask.shape}")
     gray = to_bit_depth(image, 8)
 
-    def fit(img: np.ndarray, interpolation: int) -> np.ndarray:
+    def fit(img: np.ndarray, interpolation: int | None) -> np.ndarray:
         if keep_aspect:
             return letterbox(img, tile_px, interpolation=interpolation)
-        return cv2.resize(img, (tile_px, tile_px), interpolation=interpolation)
+        return cv2.resize(img, (tile_px, tile_px), interpolation=interpolation or cv2.INTER_AREA)
 
-    tile = cv2.cvtColor(fit(gray, cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+    tile = cv2.cvtColor(fit(gray, None), cv2.COLOR_GRAY2BGR)
     for mask, color in outlines:
         small = fit((mask > 0).astype(np.uint8) * 255, cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -385,13 +400,13 @@ def band(text: str, width: int) -> np.ndarray:
     """A BGR uint8 (BAND_PX, width, 3) band: BAND_BGR with `text` in BAND_TEXT_BGR."""
     out = np.empty((BAND_PX, width, 3), np.uint8)
     out[:] = BAND_BGR
-    put_label(out, text, (LABEL_MARGIN_PX * 2, BAND_PX - 9), scale=BAND_FONT_SCALE, color=BAND_TEXT_BGR)
+    put_label(out, text, (LABEL_MARGIN_PX * 2, BAND_PX - 9), scale=BAND_FONT_SCALE, color=BAND_TEXT_BGR, backed=False)
     return out
 
 
 def title(plan: SheetPlan) -> str:
     shown = f"{plan.variant}, lung mask outlined in red" if plan.variant else "the lung mask (no image variant in the output)"
-    return f"{plan.n_images} images, {plan.n_failed} fail QC; shown: {shown}"
+    return f"{images(plan.n_images)}, {plan.n_failed} fail QC; shown: {shown}"
 
 
 def render_contact_sheet(output: str, plan: SheetPlan, *, columns: int = COLUMNS,

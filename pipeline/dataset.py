@@ -37,6 +37,7 @@ import ray
 
 from pipeline.bookkeeping import JobError, check_output, finalize, pending, start
 from pipeline.config import POOL_BATCH, WORKER_BATCH, JobConfig
+from pipeline.contact_sheet import make_contact_sheet
 from pipeline.discover import SourceFile, discover, is_uri, spell
 from pipeline.privacy import hashed_path
 from pipeline.process import ProcessConfig, process
@@ -415,4 +416,9 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
            "first_result_s": round(stats.first_result_at - started, 2) if stats.first_result_at else None}
     if stats.steady_images_per_s():
         run["steady_images_per_s"] = round(stats.steady_images_per_s(), 2)
-    return finalize(cfg, files, weights, run=run, started=started)
+    manifest = finalize(cfg, files, weights, run=run, started=started)
+    try:
+        log.info("QC contact sheet: %s", make_contact_sheet(cfg.output))
+    except (OSError, ValueError, pa.ArrowException) as e:  # a picture for people must not fail a finished run
+        log.warning("no QC contact sheet (%s: %s); draw one with `xray-lung-prep contact-sheet`", type(e).__name__, e)
+    return manifest

@@ -164,7 +164,7 @@ def test_global_max_workers_covers_every_type(config):
 
 def test_autoscaling_housekeeping(config):
     assert config["idle_timeout_minutes"] > 0
-    assert config["file_mounts"] == {}
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token, no code, no data
 
 
 def test_setup_installs_decoders(config):

@@ -32,8 +32,14 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path):
     agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                    f"--ray-client-server-port={free_port()}"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    # Ray 2.60's default: the head asks for a token. As the README says, the token is generated on the head
+    # (~/.ray/auth_token; HOME is the test's own folder) and handed to the client as RAY_AUTH_TOKEN.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env["HOME"] = str(tmp_path / "home")
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+    assert token and (tmp_path / "home" / ".ray" / "auth_token").exists()
+    client = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
          "--include-dashboard=true", "--disable-usage-stats", *agent_ports],
@@ -41,7 +47,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path):
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env,
+        while subprocess.run([RAY, "job", "list", "--address", address], env=client,
                              capture_output=True, check=False).returncode != 0:
             assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
             time.sleep(1)
@@ -50,12 +56,15 @@ def test_ray_job_submit_runs_the_job_on_a_cluster(tmp_path):
                   sys.executable, "jobs/preprocess.py", "--input", str(SAMPLES / "xrays"), "--output", str(out),
                   "--variants", "masked_crop_eq"]
         while True:  # the job agent comes up a little after the dashboard answers
-            r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400, check=False)
+            r = subprocess.run(submit, env=client, capture_output=True, text=True, timeout=400, check=False)
             if "No available agent" not in r.stderr or time.time() > deadline:
                 break
             time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-        assert "9 images ok, 0 errors" in r.stdout
+        assert "done: 9 inputs: 9 images" in r.stdout and "0 errors" in r.stdout
+        without_token = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True,
+                                       text=True, timeout=60, check=False)
+        assert without_token.returncode != 0  # the head really asks for the token
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["complete"] and manifest["counts"]["ok"] == 9
     finally:
