@@ -378,3 +378,22 @@ def test_a_jpeg_with_exif_orientation_6_is_decoded_upright():
     d = decode_image(with_exif_orientation(encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100]), 6), source="r.jpg")
     assert d.pixels.shape == (64, 40) and "exif_orientation_applied" in d.notes
     assert d.pixels[:8].mean() > 200  # orientation 6 turns it 90 degrees clockwise: the band is on top
+
+
+def test_the_default_install_decodes_every_jpeg_family_but_12_bit_lossy_which_fails_cleanly():
+    """Licences (README): JPEG baseline, lossless and JPEG-LS go through GDCM (Apache-2.0), JPEG 2000 and RLE
+    through pylibjpeg; JPEG Extended 12-bit needs the GPL extra `gpl-codecs`, and without it is an error row."""
+    import importlib.util
+
+    from pydicom.data import get_testdata_file
+
+    cases = {"JPGExtended.dcm": "1.2.840.10008.1.2.4.51", "SC_rgb_jpeg_gdcm.dcm": "1.2.840.10008.1.2.4.70",
+             "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80", "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",
+             "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90", "SC_jpeg_no_color_transform.dcm": "1.2.840.10008.1.2.4.50"}
+    for name, syntax in cases.items():
+        data = Path(get_testdata_file(name, download=False)).read_bytes()
+        if syntax.endswith(".51") and importlib.util.find_spec("libjpeg") is None:
+            with pytest.raises(DecodeError, match="expected decodable DICOM pixel data"):
+                decode_image(data, source=name)
+        else:
+            assert decode_image(data, source=name).pixels.max() > 0, name
