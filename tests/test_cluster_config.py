@@ -51,17 +51,35 @@ def _worker_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: t for name, t in config["available_node_types"].items() if name != head}
 
 
-def _setup_packages(config: dict[str, Any]) -> set[str]:
-    """Bare distribution names in the `pip install` setup commands, extras and pins dropped."""
-    names: set[str] = set()
-    for command in config.get("setup_commands", []):
+def _requirements(config: dict[str, Any], remote: str) -> list[str]:
+    """The lines of a requirements file that file_mounts copies to `remote` (read from the repository)."""
+    local = config["file_mounts"][remote]
+    return [line.strip() for line in (REPO_ROOT / local).read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _pip_specs(config: dict[str, Any], commands: list[str]) -> list[str]:
+    """Every requirement that these `pip install` commands install, `-r` files followed."""
+    specs: list[str] = []
+    for command in commands:
         words = shlex.split(command)
         if "pip" not in words or "install" not in words:
             continue
-        for word in words[words.index("install") + 1 :]:
-            if not word.startswith("-"):
-                names.add(re.match(r"[A-Za-z0-9_.-]+", word).group(0).lower())
-    return names
+        rest = words[words.index("install") + 1 :]
+        for i, word in enumerate(rest):
+            if word == "-r":
+                specs += _requirements(config, rest[i + 1])
+            elif not word.startswith("-") and (i == 0 or rest[i - 1] not in ("-r", "--index-url")):
+                specs.append(word)
+    return specs
+
+
+def _name(spec: str) -> str:
+    return re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower()
+
+
+def _setup_packages(config: dict[str, Any]) -> set[str]:
+    """Bare distribution names that every node installs (setup_commands), extras and pins dropped."""
+    return {_name(spec) for spec in _pip_specs(config, config.get("setup_commands", []))}
 
 
 # --- schema -----------------------------------------------------------------------------------
@@ -164,7 +182,7 @@ def test_global_max_workers_covers_every_type(config):
 
 def test_autoscaling_housekeeping(config):
     assert config["idle_timeout_minutes"] > 0
-    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token, no code, no data
+    assert set(config["file_mounts"]) == {"~/.ray/auth_token", "~/xray-lung-prep-requirements.txt"}  # no code, no data
 
 
 def test_setup_installs_decoders(config):
@@ -184,7 +202,7 @@ def test_setup_installs_every_project_dependency(config):
 
 def test_ray_version_pinned_consistently(config):
     """The pip pin and every docker image tag name the same Ray version."""
-    pins = set(re.findall(r"ray\[[^\]]*\]==([0-9.]+)", " ".join(config["setup_commands"])))
+    pins = set(re.findall(r"ray\[[^\]]*\]==([0-9.]+)", " ".join(_pip_specs(config, config["setup_commands"]))))
     assert len(pins) == 1, f"expected one pinned Ray version in setup_commands, got {pins}"
     images = [config["docker"]["image"]] + [
         t["docker"]["worker_image"] for t in config["available_node_types"].values() if "docker" in t
@@ -192,3 +210,25 @@ def test_ray_version_pinned_consistently(config):
     for image in images:
         tag = image.rsplit(":", 1)[-1]
         assert tag.split("-")[0] in pins, f"{image} does not match ray=={pins}"
+
+
+def test_every_node_installs_pinned_dependencies_and_its_own_torch(config):
+    """Pinned versions (the tests ran with them), the CPU torch on the head and CPU workers, CUDA only on GPU workers."""
+    commands = {"head": config["setup_commands"]}
+    commands.update({name: t["worker_setup_commands"] for name, t in _worker_types(config).items()})
+    for node, cmds in commands.items():
+        specs = _pip_specs(config, cmds)
+        unpinned = [s for s in specs if "==" not in s]
+        assert not unpinned, f"{node} installs unpinned {unpinned}"
+        torch = [c for c in cmds if "torch==" in c]
+        assert len(torch) == 1 and "torch==2.13.0" in torch[0], node  # the Makefile's test pin
+        gpu = config["available_node_types"].get(node, {}).get("resources", {}).get("GPU", 0)
+        assert ("download.pytorch.org/whl/cpu" in torch[0]) == (not gpu), f"{node} gets the wrong torch build"
+        assert {_name(s) for s in specs} >= _setup_packages(config) - {"torch"}, node
+
+
+def test_the_docker_recipe_bakes_the_same_pins(config):
+    dockerfile = (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    assert "docker/requirements.txt" in dockerfile and "torch==2.13.0" in dockerfile
+    assert "rayproject/ray:2.60.0-py311-${VARIANT}" in dockerfile
+    assert config["file_mounts"]["~/xray-lung-prep-requirements.txt"] == "docker/requirements.txt"
