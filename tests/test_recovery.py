@@ -149,10 +149,10 @@ def test_a_worker_node_lost_mid_run_costs_no_input_and_duplicates_none(tmp_path)
     names = write_phantoms(tmp_path / "in", 24)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss.py"), str(tmp_path / "in"), str(out)],
-                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss.py"), str(tmp_path / "in"), str(out),
+                        str(tmp_path / "result.json")], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "result.json").read_text())
     assert result["removed"], "the node was never removed: the test did not test anything"
     assert result["complete"] and result["counts"]["ok"] == len(names)
     assert source_paths(out) == Counter(names)  # every input exactly once, counted from the files
