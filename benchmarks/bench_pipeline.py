@@ -42,8 +42,10 @@ from pipeline.model import read_weights
 from pipeline.model_input import prepare_input, probability_to_u8
 from pipeline.png import encode_png
 from pipeline.privacy import header_columns
+from pipeline.qc import row_qc
+from pipeline.quality import QualityModel, quality_features, quality_score
 from pipeline.read import read_source
-from pipeline.refine import RefineConfig, qc_flags, refine
+from pipeline.refine import RefineConfig, refine
 from pipeline.segment import Segmenter
 from pipeline.variants import DEFAULT_VARIANTS, VariantConfig, make_variants
 
@@ -63,13 +65,17 @@ class FreeSegmenter:
         self.prob = probability_to_u8(cv2.GaussianBlur(prob, (0, 0), s / 64))
 
     def __call__(self, batch: dict) -> dict:
-        return {"lung_prob": np.broadcast_to(self.prob, batch["model_input"].shape).copy()}
+        n = len(batch["model_input"])
+        prob = np.broadcast_to(self.prob, batch["model_input"].shape).copy()
+        return {"orientation": np.zeros(n, np.uint8), "turned": np.zeros(n, bool), "lung_prob": prob,
+                "lung_prob_flip": prob.copy()}
 
 
 def stage_costs(paths: list[Path], weights, segment) -> dict[str, float]:
     """Milliseconds per image of each stage, one core, one thread, in this process (the first image, timed
     twice, warms up first-call costs and counts once)."""
     refine_cfg = RefineConfig(threshold=weights.meta.threshold)
+    quality = QualityModel.from_dict(weights.meta.quality)
     t = dict.fromkeys(STAGES, 0.0)
     for i, path in enumerate([paths[0], *paths]):
         if i == 1:
@@ -82,10 +88,12 @@ def stage_costs(paths: list[Path], weights, segment) -> dict[str, float]:
         header_columns(decoded.header, None)
         x = prepare_input(decoded.pixels, weights.meta)
         t3 = time.perf_counter()
-        prob = segment({"model_input": x[None]})["lung_prob"][0]
+        said = segment({"model_input": x[None]})
         t4 = time.perf_counter()
-        mask, stats = refine(prob, decoded.pixels.shape, refine_cfg)
-        qc_flags(stats, refine_cfg)
+        mask, stats = refine(said["lung_prob"][0], decoded.pixels.shape, refine_cfg)
+        score = quality_score(quality_features(said["lung_prob"][0], said["lung_prob_flip"][0], stats,
+                                               refine_cfg.threshold), quality)
+        row_qc(stats, refine_cfg, quality_score=score, quality_threshold=quality.threshold)
         t5 = time.perf_counter()
         variants = make_variants(decoded.pixels, mask, DEFAULT_VARIANTS, VariantConfig())
         t6 = time.perf_counter()

@@ -92,6 +92,8 @@ def contract(cfg: JobConfig, weights: Weights) -> dict:
         "decode": dataclasses.asdict(cfg.decode),
         "refine": dataclasses.asdict(refine),
         "model_sha256": weights.sha256,
+        "orientation_model_sha256": weights.orientation.sha256 if weights.orientation else None,
+        "fix_orientation": cfg.segment.fix_orientation,
     }
 
 
@@ -223,6 +225,8 @@ def finalize(cfg: JobConfig, files: list[SourceFile], weights: Weights, *, run: 
         "error_reasons": error_reasons(cfg.output, top=ERROR_REASONS_KEPT),
         "options": written_options(cfg),
         "model": {"name": weights.meta.name, "sha256": weights.sha256, "meta": weights.meta.to_dict()},
+        "orientation_model": ({"name": weights.orientation.meta.name, "sha256": weights.orientation.sha256,
+                               "meta": weights.orientation.meta.to_dict()} if weights.orientation else None),
         "versions": library_versions(),
         "wall_time_s": round(wall, 3),
         "runs": previous.get("runs", []) + [{

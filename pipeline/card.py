@@ -58,7 +58,8 @@ options, counts and contract are in `manifest.json`.
 
 - `images/`: {counts["ok"]} images, one row each: the lung mask (`mask_png`, 0/255 at the source's
   size), the variants {", ".join(f"`{v}_png`" for v in variants) or "(none)"} (8- or 16-bit gray PNG),
-  their sizes, the lung bounding box and fraction, QC flags and `qc_pass`
+  their sizes, the lung bounding box and fraction (and each lung's: `right_lung_fraction`,
+  `left_lung_fraction`), `quality_score` (the mask's predicted Dice), QC flags and `qc_pass`
   ({counts.get("qc_failed", 0)} rows fail QC; flags: {flags}), decoding notes, the allowlisted DICOM
   attributes and keyed pseudonyms.
 - `errors/`: {counts["errors"]} inputs that could not be used, with the stage and a one-line reason

@@ -13,9 +13,10 @@ minute. `make_contact_sheet(OUTPUT)` writes OUTPUT/qc/contact_sheet.png (or `pat
     +--------------------------------------------------------------------------+
 
 A tile is `tile_px` square: the image, letterboxed, with the lung mask's outline in red, its group
-("sample" or the flag) and lung_fraction at the top, the end of its source_path at the bottom.
-Flags come in `pipeline.refine.QC_FLAGS` order, then the others (decoder notes such as
-`polarity_corrected`, `burned_in_annotation`) by name. An output without flagged rows gets a last
+("sample" or the flag), quality_score (q) and lung_fraction (a) at the top, the end of its source_path at
+the bottom. Every section shows its tiles lowest quality_score first, and a flag's section the lowest-
+scored rows carrying it: the masks most likely wrong come first. Flags come in `pipeline.qc.FLAGS`
+order, then any others by name. An output without flagged rows gets a last
 band saying so; an output without images gets a sheet saying so (a file is always written, and its
 location returned, so a caller never has to tell "nothing to show" from "not run").
 
@@ -50,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.evaluate import OVERLAY_COLOR_PRED, contact_sheet
 from pipeline.png import decode_png
-from pipeline.refine import QC_FLAGS
+from pipeline.qc import FLAGS as QC_FLAGS
 from pipeline.variants import (
     VariantConfig,
     VariantSpec,
@@ -72,6 +73,7 @@ BAND_PX = 28  # height of the title and header bands
 SAMPLE_GROUP = "sample"  # tile label of the random sample
 MASK_COLUMN = "mask_png"
 BBOX_COLUMNS = ("lung_bbox_x0", "lung_bbox_y0", "lung_bbox_x1", "lung_bbox_y1")
+QUALITY_COLUMN = "quality_score"  # read where present (schema >= 3): sorts every section
 SELECT_COLUMNS = ("source_path", "qc_flags", "qc_pass", "lung_fraction", *BBOX_COLUMNS)  # read for every row
 MASK_ON = 128  # a resized mask pixel at or above this is lung
 NO_VARIANT_GRAY = 2  # without a variant column the tile shows mask // this (lungs mid-gray)
@@ -101,6 +103,7 @@ class Row:
     source_path: str
     lung_fraction: float | None
     bbox: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) in source px, x1/y1 exclusive; None = no lungs
+    quality_score: float | None = None  # None: not scored (an output from before schema 3)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class Group:
 
     name: str  # SAMPLE_GROUP or the flag
     total: int  # rows of the whole output in this group (every image row for the sample)
-    rows: tuple[Row, ...]  # the chosen ones, in output order
+    rows: tuple[Row, ...]  # the chosen ones, lowest quality_score first (unscored last, in output order)
 
     @property
     def title(self) -> str:
@@ -196,22 +199,34 @@ def pick(indices: np.ndarray, k: int, *, seed: list[int]) -> np.ndarray:
 
 
 def flag_order(flags: Sequence[str]) -> list[str]:
-    """refine.QC_FLAGS in their order, then any other flag by name."""
+    """qc.FLAGS in their order, then any other flag by name."""
     return [f for f in QC_FLAGS if f in flags] + sorted(f for f in flags if f not in QC_FLAGS)
+
+
+def lowest_first(indices: np.ndarray, scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    """`indices` ordered by scores[indices] ascending (NaN = unscored last, ties in index order); the first k."""
+    keys = np.where(np.isnan(scores[indices]), np.inf, scores[indices])
+    ordered = indices[np.lexsort((indices, keys))]
+    return ordered if k is None else ordered[:k]
 
 
 def scan(output: str) -> tuple[pa.Table, list[str], pa.Schema | None]:
     """(SELECT_COLUMNS of every image row + `_shard` (int32 index into the list) and `_row`, shard paths, a schema).
 
-    Reads only SELECT_COLUMNS; the schema is the first shard's (None without shards).
+    Reads only SELECT_COLUMNS, and QUALITY_COLUMN where the shard has it (null where not); the schema is
+    the first shard's (None without shards).
     """
     fs, _ = output_fs(output)
     shards = list_shards(output)[IMAGES_DIR]
     parts, schema = [], None
     for k, path in enumerate(shards):
         try:
-            table = pq.read_table(path, columns=list(SELECT_COLUMNS), filesystem=fs)
-            schema = schema or pq.read_schema(path, filesystem=fs)
+            shard_schema = pq.read_schema(path, filesystem=fs)
+            scored = QUALITY_COLUMN in shard_schema.names
+            table = pq.read_table(path, columns=[*SELECT_COLUMNS, *([QUALITY_COLUMN] if scored else [])], filesystem=fs)
+            if not scored:
+                table = table.append_column(QUALITY_COLUMN, pa.nulls(table.num_rows, pa.float32()))
+            schema = schema or shard_schema
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"expected a readable images shard with columns {list(SELECT_COLUMNS)}, "
                              f"got {type(e).__name__} from {path}") from e
@@ -225,9 +240,10 @@ def scan(output: str) -> tuple[pa.Table, list[str], pa.Schema | None]:
 def plan_contact_sheet(output: str, *, sample: int = 24, per_flag: int = 8, seed: int = 0) -> SheetPlan:
     """Choose the rows of the sheet from the small columns of `output` (a folder or URI).
 
-    `sample` rows at random (seeded) and, for every QC flag present, up to `per_flag` rows carrying it
-    (also at random, each flag with its own seeded draw). ValueError when `output` holds neither
-    images shards nor a manifest.json, or a count is negative.
+    `sample` rows at random (seeded) and, for every QC flag present, the `per_flag` rows carrying it with the
+    lowest quality_score (unscored rows: at random, each flag with its own seeded draw); every group is
+    shown lowest quality_score first. ValueError when `output` holds neither images shards nor a
+    manifest.json, or a count is negative.
     """
     if sample < 0 or per_flag < 0:
         raise ValueError(f"expected sample >= 0 and per_flag >= 0, got sample={sample}, per_flag={per_flag}")
@@ -245,20 +261,28 @@ def plan_contact_sheet(output: str, *, sample: int = 24, per_flag: int = 8, seed
     bboxes = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in BBOX_COLUMNS])
     has_box = np.all(np.column_stack([pc.is_valid(table.column(c)).to_numpy(zero_copy_only=False) for c in BBOX_COLUMNS]), axis=1)
     fractions = table.column("lung_fraction").to_pylist()
+    scores = table.column(QUALITY_COLUMN).to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
     paths = table.column("source_path").to_pylist()
     shard_of = table.column("_shard").to_numpy()
     row_of = table.column("_row").to_numpy()
 
     def rows(indices: np.ndarray) -> tuple[Row, ...]:
         return tuple(Row(int(i), shards[shard_of[i]], int(row_of[i]), paths[i], fractions[i],
-                         tuple(int(v) for v in bboxes[i]) if has_box[i] else None) for i in indices)
+                         tuple(int(v) for v in bboxes[i]) if has_box[i] else None,
+                         None if np.isnan(scores[i]) else float(scores[i])) for i in lowest_first(indices, scores))
+
+    def worst(indices: np.ndarray, name: str) -> np.ndarray:
+        """The per_flag lowest-scored of `indices`, the rest of the places drawn at random from the unscored."""
+        scored = lowest_first(indices[~np.isnan(scores[indices])], scores, per_flag)
+        return np.concatenate([scored, pick(indices[np.isnan(scores[indices])], per_flag - len(scored),
+                                            seed=group_seed(seed, name))]).astype(np.int64)
 
     groups = [Group(SAMPLE_GROUP, n, rows(pick(np.arange(n), sample, seed=group_seed(seed, SAMPLE_GROUP))))]
     flags = table.column("qc_flags").combine_chunks()  # a null list counts as no flag
     flat, parent = pc.list_flatten(flags), pc.list_parent_indices(flags).to_numpy()
     for flag in flag_order(pc.unique(flat).drop_null().to_pylist()):
         carrying = np.unique(parent[pc.equal(flat, flag).to_numpy(zero_copy_only=False)])
-        groups.append(Group(flag, len(carrying), rows(pick(carrying, per_flag, seed=group_seed(seed, flag)))))
+        groups.append(Group(flag, len(carrying), rows(worst(carrying, flag))))
     failed = n - int(pc.sum(pc.fill_null(table.column("qc_pass"), True)).as_py())
     return SheetPlan(n, failed, choose_variant(variants), plan_cfg, cfg is not None, tuple(groups))
 
@@ -359,10 +383,12 @@ def row_tile(mask_png: bytes, image_png: bytes | None, row: Row, plan: SheetPlan
 
 
 def labelled(tile: np.ndarray, group: str, row: Row) -> np.ndarray:
-    """A copy of `tile` with '<group> <lung_fraction>' at the top and the end of source_path at the bottom."""
+    """A copy of `tile` with '<group> q<quality_score> a<lung_fraction>' at the top and the end of source_path
+    at the bottom."""
     out = tile.copy()
-    fraction = "n/a" if row.lung_fraction is None else f"{row.lung_fraction:.3f}"
-    put_label(out, f"{group} {fraction}", (LABEL_MARGIN_PX, 14))
+    fraction = "n/a" if row.lung_fraction is None else f"{row.lung_fraction:.2f}"
+    score = "n/a" if row.quality_score is None else f"{row.quality_score:.2f}"
+    put_label(out, f"{group} q{score} a{fraction}", (LABEL_MARGIN_PX, 14))
     put_label(out, row.source_path[-PATH_LABEL_CHARS:], (LABEL_MARGIN_PX, out.shape[0] - LABEL_MARGIN_PX))
     return out
 

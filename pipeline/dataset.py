@@ -41,6 +41,7 @@ from pipeline.contact_sheet import make_contact_sheet
 from pipeline.discover import SourceFile, discover, is_uri, spell
 from pipeline.privacy import hashed_path
 from pipeline.process import ProcessConfig, process
+from pipeline.quality import QualityModel
 from pipeline.schema import SOURCE_SCHEMA, result_schema
 from pipeline.writer import OutputConfig, write_results
 
@@ -122,8 +123,8 @@ def source_blocks(files: list[SourceFile], cfg: JobConfig, *, workers: int) -> l
 class PoolSegmenter:
     """A segmenter pool actor: the model, loaded once from the weights in the object store."""
 
-    def __init__(self, weights, segmenter: type, cpu_bf16: bool | None):
-        self.model = segmenter(weights, cpu_bf16=cpu_bf16)
+    def __init__(self, weights, segmenter: type, options: dict):
+        self.model = segmenter(weights, **options)
 
     def segment(self, batch: dict) -> dict:
         return self.model(batch)
@@ -147,14 +148,14 @@ class WorkerModel:
     """The model inside a CPU worker, built at its first call: a worker that meets only broken files never
     imports torch (20k invalid files run at thousands of rows/s, not at the speed of a torch import)."""
 
-    def __init__(self, segmenter: bytes, weights_ref, cpu_bf16: bool | None):
-        self._segmenter, self._weights_ref, self._cpu_bf16 = segmenter, weights_ref, cpu_bf16
+    def __init__(self, segmenter: bytes, weights_ref, options: dict):
+        self._segmenter, self._weights_ref, self._options = segmenter, weights_ref, options
         self._model = None
 
     def __call__(self, batch: dict) -> dict:
         if self._model is None:
             segmenter = ray.cloudpickle.loads(self._segmenter)  # imports torch here, not at unpickling
-            self._model = segmenter(ray.get(self._weights_ref), device="cpu", cpu_threads=1, cpu_bf16=self._cpu_bf16)
+            self._model = segmenter(ray.get(self._weights_ref), device="cpu", cpu_threads=1, **self._options)
         return self._model(batch)
 
 
@@ -162,13 +163,13 @@ class ImageWorker:
     """The Ray Data UDF: a block of SOURCE rows -> blocks of result rows of about OUTPUT_BLOCK_BYTES."""
 
     def __init__(self, cfg: ProcessConfig, weights_ref, pool: list | None, segmenter: bytes | None,
-                 cpu_bf16: bool | None):
+                 options: dict):
         import cv2
 
         cv2.setNumThreads(1)  # one CPU per worker: OpenCV's own threads would only compete with the others
         self.cfg = cfg
         self.schema = result_schema(cfg.variants)
-        self.segment = PoolClient(pool) if pool else WorkerModel(segmenter, weights_ref, cpu_bf16)
+        self.segment = PoolClient(pool) if pool else WorkerModel(segmenter, weights_ref, options)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         rows, size = [], 0
@@ -182,17 +183,22 @@ class ImageWorker:
             yield pa.Table.from_pylist(rows, schema=self.schema)
 
 
+def segmenter_options(cfg: JobConfig) -> dict:
+    """The segmenter's keyword arguments besides the weights (which travel through the object store)."""
+    return {"cpu_bf16": cfg.segment.cpu_bf16, "fix_orientation": cfg.segment.fix_orientation}
+
+
 def process_config(cfg: JobConfig, weights, layout: Layout) -> ProcessConfig:
     """What every worker needs: the options, the model's identity, its threshold unless the user set one."""
     refine = cfg.refine if cfg.refine.threshold is not None else dataclasses.replace(cfg.refine, threshold=weights.meta.threshold)
     batch = cfg.segment.batch_size or (POOL_BATCH if layout.segment_actors else WORKER_BATCH)
     return ProcessConfig(variants=tuple(cfg.variants), model=weights.meta, model_sha256=weights.sha256, refine=refine,
                          read=cfg.read, decode=cfg.decode, variant=cfg.variant, pseudonym_key=cfg.pseudonym_key,
-                         segment_batch=batch)
+                         segment_batch=batch,
+                         quality=QualityModel.from_dict(weights.meta.quality) if weights.meta.quality else None)
 
 
-def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, cpu_bf16: bool | None, *,
-                         timeout_s: float) -> list:
+def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, options: dict, *, timeout_s: float) -> list:
     """The segmenter pool's actors, once every one is up (Ray restarts one that dies later and retries its call).
 
     Raises JobError when they are not up within `timeout_s`: a pool that asks for GPUs the cluster does
@@ -200,7 +206,7 @@ def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, cpu_bf16:
     """
     actor = ray.remote(PoolSegmenter).options(num_gpus=layout.segment_gpus, num_cpus=0, max_restarts=-1,
                                               max_task_retries=-1)
-    actors = [actor.remote(weights_ref, segmenter, cpu_bf16) for _ in range(layout.segment_actors)]
+    actors = [actor.remote(weights_ref, segmenter, options) for _ in range(layout.segment_actors)]
     gpus_now = ray.cluster_resources().get("GPU", 0)
     log.info("segmenter pool: %d actors, %s GPU each (the cluster has %s GPUs now)", len(actors), layout.segment_gpus, gpus_now)
     ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors), timeout=timeout_s)
@@ -236,18 +242,19 @@ def map_sources(blocks: list[pa.Table], cfg: JobConfig, *, layout: Layout, segme
     from pipeline.segment import Segmenter
 
     segmenter = segmenter or Segmenter
-    weights = weights or read_weights(cfg.segment.weights)
+    weights = weights or read_weights(cfg.segment.weights, orientation=cfg.segment.orientation_weights)
     weights_ref = ray.put(weights)
+    options = segmenter_options(cfg)
     pool = None
     if layout.segment_actors:
-        pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg.segment.cpu_bf16, timeout_s=cfg.segment.start_timeout_s)
+        pool = start_segmenter_pool(layout, weights_ref, segmenter, options, timeout_s=cfg.segment.start_timeout_s)
     return ray.data.from_arrow(blocks).map_batches(
         ImageWorker,
         batch_size=None,  # one source block per call: blocks are already sized by files and bytes
         batch_format="pyarrow",
         fn_constructor_kwargs={"cfg": process_config(cfg, weights, layout), "weights_ref": weights_ref, "pool": pool,
                                "segmenter": None if pool else ray.cloudpickle.dumps(segmenter),
-                               "cpu_bf16": cfg.segment.cpu_bf16},
+                               "options": options},
         compute=ray.data.ActorPoolStrategy(size=max(1, min(layout.workers, len(blocks))),
                                            max_tasks_in_flight_per_actor=CALLS_QUEUED_PER_WORKER),
         num_cpus=1,
@@ -391,7 +398,7 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
     from pipeline.model import read_weights
 
     started = time.time()
-    weights = weights or read_weights(cfg.segment.weights)
+    weights = weights or read_weights(cfg.segment.weights, orientation=cfg.segment.orientation_weights)
     check_output(cfg, weights)
     start(cfg, weights)
     files = source_files(cfg)

@@ -81,6 +81,24 @@ def score(pred_png: bytes, truth_path: str) -> tuple[float, float]:
     return dice(pred, truth), iou(pred, truth)
 
 
+def spearman(a, b) -> float | None:
+    """Spearman rank correlation of two equally long sequences (average ranks for ties); None under 3 values
+    or when one side is constant."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        _, inverse = np.unique(x, return_inverse=True)
+        return (np.bincount(inverse, weights=r) / np.bincount(inverse))[inverse]
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"expected two 1-D sequences of one length, got {a.shape} and {b.shape}")
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
 def summarize(dices: list[float]) -> dict:
     a = np.asarray(dices, dtype=np.float64)
     if a.size == 0:

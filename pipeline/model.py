@@ -41,6 +41,7 @@ class Weights:
     sha256: str  # hex digest of `data`: the model's identity in every row and the manifest
     meta: ModelMeta | None  # the metadata stored in the file (None only while it is being checked)
     source: str  # where it was read from, for messages
+    orientation: Weights | None = None  # the orientation classifier the job runs with this lung model
 
     def __repr__(self) -> str:
         return f"Weights({self.meta.name if self.meta else '?'}, sha256={self.sha256[:12]}..., from {self.source})"
@@ -79,11 +80,25 @@ def _payload(data: bytes, source: str) -> dict:
     return payload
 
 
-def read_weights(path: str | Path | None = None) -> Weights:
-    """Read a weights file once (None -> DEFAULT_WEIGHTS) and check that it loads into its architecture.
+def update_meta(path: str | Path, **fields) -> None:
+    """Rewrite a weights file with some of its metadata fields replaced (e.g. quality=...); the tensors stay as stored."""
+    path = Path(path)
+    payload = _payload(path.read_bytes(), str(path))
+    meta = ModelMeta.from_dict({**payload["meta"], **fields})
+    payload["meta"] = meta.to_dict()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
 
-    Raises FileNotFoundError if the file is missing, ValueError if it is not a valid lung model file.
+
+def read_weights(path: str | Path | None = None, *, orientation: str | Path | None = None) -> Weights:
+    """Read a lung model file once (None -> DEFAULT_WEIGHTS), check that it loads into its architecture,
+    and read the orientation classifier the job runs with it (`orientation`; None -> the packaged one).
+
+    Raises FileNotFoundError if a file is missing, ValueError if it is not a valid model file.
     """
+    from pipeline.orient_net import read_orientation_weights  # imports this module
+
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"lung model weights not found at {path}")
@@ -91,7 +106,8 @@ def read_weights(path: str | Path | None = None) -> Weights:
     weights = Weights(data=data, sha256=hashlib.sha256(data).hexdigest(), meta=None, source=str(path))
     model, meta = load_model(weights)  # validates the architecture now, in the driver, not in every actor
     del model
-    return Weights(data=data, sha256=weights.sha256, meta=meta, source=str(path))
+    return Weights(data=data, sha256=weights.sha256, meta=meta, source=str(path),
+                   orientation=read_orientation_weights(orientation))
 
 
 def load_model(weights: Weights | str | Path | None = None, *, device: str | torch.device = "cpu"
@@ -101,7 +117,11 @@ def load_model(weights: Weights | str | Path | None = None, *, device: str | tor
     Raises FileNotFoundError if the file is missing, ValueError if it is not a valid lung model file.
     """
     if not isinstance(weights, Weights):
-        weights = read_weights(weights)
+        path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"lung model weights not found at {path}")
+        data = path.read_bytes()
+        weights = Weights(data=data, sha256=hashlib.sha256(data).hexdigest(), meta=None, source=str(path))
     payload = _payload(weights.data, weights.source)
     meta = ModelMeta.from_dict(payload["meta"])
     try:

@@ -32,6 +32,7 @@ class ModelMeta:
     arch: dict = field(default_factory=dict)  # UNetConfig fields
     training: dict = field(default_factory=dict)  # data, split, epochs, command, git commit, date
     metrics: dict = field(default_factory=dict)  # e.g. {"val_dice": 0.97}
+    quality: dict = field(default_factory=dict)  # pipeline.quality.QualityModel constants; {} = no quality score
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

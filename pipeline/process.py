@@ -1,4 +1,5 @@
-"""One image's whole way, in order: read -> decode -> privacy -> model input -> segment -> refine -> variants -> row.
+"""One image's whole way, in order: read -> decode -> privacy -> model input -> segment -> [orientation] ->
+refine -> quality -> qc -> variants -> row.
 
     process(sources, segment, cfg) -> result rows, one chunk of `cfg.segment_batch` images at a time
 
@@ -25,25 +26,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decode import NOTE_BURNED_IN, DecodeConfig, Decoded, decode_image
+from pipeline.decode import DecodeConfig, Decoded, decode_image
 from pipeline.model_input import ModelMeta, prepare_input
+from pipeline.orientation import flags as orientation_flags
+from pipeline.orientation import undo
 from pipeline.png import encode_png
 from pipeline.privacy import header_columns
+from pipeline.qc import NOTE_ORIENTATION_FIXED, row_qc
+from pipeline.quality import QualityModel, quality_features, quality_score
 from pipeline.read import ReadConfig, read_source
-from pipeline.refine import QC_FLAGS as MASK_QC_FLAGS
-from pipeline.refine import RefineConfig, qc_flags, refine
+from pipeline.refine import RefineConfig, refine
 from pipeline.schema import error_row, image_row, result_schema
 from pipeline.variants import VariantConfig, make_variants
 
 log = logging.getLogger(__name__)
 
-# Decoder notes that a downstream user should see among the QC flags, not only in decode_notes.
-DECODE_NOTES_IN_QC = frozenset({"polarity_corrected", NOTE_BURNED_IN})
-# These QC flags make a row fail QC (the row still has images; downstream may drop it): the mask's, and
-# text burned into the pixels (it may name the patient; the job cannot find or remove it).
-FAILING_QC = frozenset({*MASK_QC_FLAGS, NOTE_BURNED_IN})
-
-Segment = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # {"model_input"} -> {"lung_prob"}
+# {"model_input"} -> {"orientation", "turned", "lung_prob", "lung_prob_flip"}: pipeline.segment.Segmenter's contract
+Segment = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+SEGMENT_OUTPUTS = ("orientation", "turned", "lung_prob", "lung_prob_flip")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class ProcessConfig:
     variant: VariantConfig = field(default_factory=VariantConfig)
     pseudonym_key: bytes | None = field(default=None, repr=False)  # HMAC key; never written
     segment_batch: int = 16  # images decoded, then segmented in one model call, at a time
+    quality: QualityModel | None = None  # the model's quality_score constants; None: no score (null column)
 
 
 @dataclass(frozen=True)
@@ -95,28 +96,48 @@ def prepare(source: dict, cfg: ProcessConfig, schema: pa.Schema) -> Prepared | d
     return Prepared(path, sha256, decoded, columns, (*decoded.notes, *privacy_notes), model_input)
 
 
-def finish(image: Prepared, lung_prob: np.ndarray, cfg: ProcessConfig, schema: pa.Schema) -> dict:
-    """Prepared + uint8 (S, S) lung probability -> image row: mask at the source resolution, QC, PNG variants."""
-    pixels = image.decoded.pixels
+@dataclass(frozen=True)
+class Segmented:
+    """What the segmenter said of one image (see SEGMENT_OUTPUTS)."""
+
+    orientation: int  # how the image arrived, pipeline.orientation's k; 0 = upright
+    turned: bool  # the model saw the image turned upright: the pixels must be turned the same way
+    lung_prob: np.ndarray  # uint8 (S, S), round(p * 255)
+    lung_prob_flip: np.ndarray  # uint8 (S, S), the mirrored view's, mirrored back
+
+
+def finish(image: Prepared, seg: Segmented, cfg: ProcessConfig, schema: pa.Schema) -> dict:
+    """Prepared + what the segmenter said -> image row: mask at the source resolution, quality, QC, PNG variants."""
     try:
-        mask, stats = refine(lung_prob, pixels.shape, cfg.refine)
-        flags = [*qc_flags(stats, cfg.refine), *(n for n in image.notes if n in DECODE_NOTES_IN_QC)]
+        pixels = undo(image.decoded.pixels, seg.orientation) if seg.turned else image.decoded.pixels
+        mask, stats = refine(seg.lung_prob, pixels.shape, cfg.refine)
+        score = None
+        if cfg.quality is not None:
+            features = quality_features(seg.lung_prob, seg.lung_prob_flip, stats, cfg.refine.threshold)
+            score = quality_score(features, cfg.quality)
+        flags, qc_pass = row_qc(stats, cfg.refine, notes=image.notes,
+                                view_position=image.columns.get("dicom_view_position"),
+                                quality_score=score, quality_threshold=cfg.quality and cfg.quality.threshold,
+                                orientation_flags=orientation_flags(seg.orientation), orientation_fixed=seg.turned)
         variants = make_variants(pixels, mask, cfg.variants, cfg.variant)
         x0, y0, x1, y1 = stats.bbox if stats.bbox is not None else (None,) * 4
         values = {
             "source_path": image.source_path,
             "source_sha256": image.source_sha256,
             "format": image.decoded.format,
-            "source_height": pixels.shape[0],
-            "source_width": pixels.shape[1],
+            "source_height": image.decoded.pixels.shape[0],
+            "source_width": image.decoded.pixels.shape[1],
             "source_bits_stored": image.decoded.bits_stored,
             "mask_png": encode_png(mask, mask=True),
             "lung_bbox_x0": x0, "lung_bbox_y0": y0, "lung_bbox_x1": x1, "lung_bbox_y1": y1,
             "lung_fraction": stats.lung_fraction,
+            "right_lung_fraction": stats.right_lung_fraction,
+            "left_lung_fraction": stats.left_lung_fraction,
             "n_components": stats.n_components,
+            "quality_score": score,
             "qc_flags": flags,
-            "qc_pass": not (set(flags) & FAILING_QC),
-            "decode_notes": list(image.notes),
+            "qc_pass": qc_pass,
+            "decode_notes": [*image.notes, *([NOTE_ORIENTATION_FIXED] if seg.turned else [])],
             "model_name": cfg.model.name,
             "model_sha256": cfg.model_sha256,
             **image.columns,
@@ -133,10 +154,14 @@ def process_chunk(sources: list[dict], segment: Segment, cfg: ProcessConfig, sch
     """Result rows for a few SOURCE rows, in their order, with one model call for those that decoded."""
     prepared = [prepare(s, cfg, schema) for s in sources]
     todo = [p for p in prepared if isinstance(p, Prepared)]
-    probs: list[np.ndarray] = []
+    said: list[Segmented] = []
     if todo:
-        probs = list(segment({"model_input": np.stack([p.model_input for p in todo])})["lung_prob"])
-    done = iter(probs)
+        out = segment({"model_input": np.stack([p.model_input for p in todo])})
+        missing = [k for k in SEGMENT_OUTPUTS if k not in out]
+        if missing:
+            raise ValueError(f"the segmenter's answer lacks {missing}: expected {SEGMENT_OUTPUTS}, got {sorted(out)}")
+        said = [Segmented(int(k), bool(t), p, f) for k, t, p, f in zip(*(out[k] for k in SEGMENT_OUTPUTS))]
+    done = iter(said)
     return [finish(p, next(done), cfg, schema) if isinstance(p, Prepared) else p for p in prepared]
 
 

@@ -82,6 +82,14 @@ class MaskStats:
     lung_fraction: float  # lung pixels / all pixels, in [0, 1]
     n_components: int  # 8-connected lung components
     bbox: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), end exclusive, source pixels; None when empty
+    right_lung_fraction: float = 0.0  # pixels of the patient's right lung / all pixels (`lung_side`)
+    left_lung_fraction: float = 0.0  # pixels of the patient's left lung / all pixels
+
+
+# Which lung a component is: on a frontal film viewed as radiographs are read (PA or AP, the patient
+# facing the viewer), the patient's right lung is on the image's left.
+RIGHT_LUNG = 1  # `lung_side` / `lung_sides` value of the patient's right lung
+LEFT_LUNG = 2  # ... and of the left lung
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -249,18 +257,52 @@ def _select_components(
     if n is not None and len(ranked) > n and areas[ranked[n - 1]] == areas[ranked[n]]:  # a tie at the cut
         ranked = sorted(ranked, key=lambda k: (-areas[k], *_top_left(labels, k)))
     kept = [k for k in ranked[:n] if areas[k] >= min_area_px]
-    if len(kept) == n_labels - 1:
-        out = (mask > 0).view(np.uint8) * np.uint8(LUNG)
-    else:
-        out = np.zeros_like(mask)
-        for k in kept:
-            cv2.bitwise_or(out, cv2.compare(labels, k, cv2.CMP_EQ), dst=out)
+    out = np.zeros_like(mask)
+    side_px = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
+    for k in kept:
+        component = cv2.compare(labels, k, cv2.CMP_EQ)
+        side_px[lung_side(component)] += int(areas[k])
+        cv2.bitwise_or(out, component, dst=out)
     stats = MaskStats(
         lung_fraction=float(sum(areas[k] for k in kept)) / mask.size,
         n_components=len(kept),
         bbox=mask_bbox(out),
+        right_lung_fraction=side_px[RIGHT_LUNG] / mask.size,
+        left_lung_fraction=side_px[LEFT_LUNG] / mask.size,
     )
     return out, stats
+
+
+def lung_side(component: np.ndarray) -> int:
+    """RIGHT_LUNG if the component's centroid lies in the image's left half, else LEFT_LUNG.
+
+    component: uint8 (H, W), nonzero = the component. A frontal film is viewed with the patient facing
+    the viewer, so the patient's right lung is on the image's left (a mirrored image breaks this; the
+    orientation check flags it). Two components on one side both count for that side.
+    """
+    m = cv2.moments(component, binaryImage=True)
+    if m["m00"] == 0:
+        raise ValueError("expected a non-empty component")
+    return RIGHT_LUNG if m["m10"] / m["m00"] < (component.shape[1] - 1) / 2 else LEFT_LUNG
+
+
+def lung_sides(mask: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) {0, 255} lung mask -> uint8 (H, W) labels: 0 background, RIGHT_LUNG / LEFT_LUNG per component.
+
+    The rule the job uses for right_lung_fraction / left_lung_fraction (`lung_side`), for a mask read
+    back from the output::
+
+        mask              sides
+        # # . . # #       1 1 . . 2 2
+        # # . . # #  ->   1 1 . . 2 2
+    """
+    _check_mask(mask)
+    n_labels, labels, _ = _labels(mask)
+    sides = np.zeros_like(mask)
+    for k in range(1, n_labels):
+        component = cv2.compare(labels, k, cv2.CMP_EQ)
+        sides[component > 0] = lung_side(component)
+    return sides
 
 
 def drop_small_components(mask: np.ndarray, *, min_area_px: float) -> np.ndarray:

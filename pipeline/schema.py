@@ -28,8 +28,9 @@ MAX_MESSAGE_CHARS = 500  # an error message is cut to this length
 # docs/OUTPUT.md says what bumps it: a column added, removed, renamed or retyped, or a change in what a
 # column's values mean (source_path's spelling, a QC flag's rule, the mask's encoding). 2: source_path
 # spelled losslessly (pipeline.discover.spell), burned_in_annotation, coded DICOM attributes only as
-# defined terms.
-SCHEMA_VERSION = 2
+# defined terms. 3: quality_score, right/left_lung_fraction, QC flags low_quality, rotated_*, mirrored,
+# not_frontal, and the decode note orientation_fixed.
+SCHEMA_VERSION = 3
 METADATA_SCHEMA_VERSION = b"xray_lung_prep.schema_version"  # Parquet key-value metadata keys
 METADATA_PACKAGE_VERSION = b"xray_lung_prep.version"
 
@@ -97,7 +98,10 @@ def images_schema(variants: list[str] | tuple[str, ...]) -> pa.Schema:
         pa.field("lung_bbox_x1", pa.int32()),
         pa.field("lung_bbox_y1", pa.int32()),
         pa.field("lung_fraction", pa.float32()),
+        pa.field("right_lung_fraction", pa.float32()),  # the patient's right lung: the image's left (pipeline.refine.lung_side)
+        pa.field("left_lung_fraction", pa.float32()),
         pa.field("n_components", pa.int32()),
+        pa.field("quality_score", pa.float32()),  # the mask's predicted Dice, 0..1 (pipeline.quality)
         pa.field("qc_flags", pa.list_(pa.string())),
         pa.field("qc_pass", pa.bool_()),
         pa.field("decode_notes", pa.list_(pa.string())),

@@ -8,9 +8,10 @@ actor, on the node it runs on. Measured with the shipped model on this project's
 fp32 to 4 decimals (benchmarks/bench_segment.py, scripts/eval_lung_model.py --cpu-bf16).
 The same class serves both, with no code change.
 
-Contract: ``__call__({"model_input": uint8 (N, S, S)}) -> {"lung_prob": uint8 (N, S, S)}``, the
-probability times 255 (`pipeline.model_input.probability_to_u8`): 64 KB in and 64 KB out per image at
-256 px, whatever the source's size. The wiring runs it inside the CPU workers, or as a GPU actor
+Contract: ``__call__({"model_input": uint8 (N, S, S)}) -> {"orientation", "turned", "lung_prob",
+"lung_prob_flip"}`` (see `Segmenter.__call__`): the orientation check (`pipeline.orient_net`), then the
+lung probability times 255 (`pipeline.model_input.probability_to_u8`) of the image and of its mirrored
+view (for `pipeline.quality`): 64 KB in and 128 KB out per image at 256 px, whatever the source's size. The wiring runs it inside the CPU workers, or as a GPU actor
 pool that the CPU workers call (`pipeline.dataset`).
 """
 
@@ -24,6 +25,8 @@ import torch
 
 from pipeline.model import Weights, load_model
 from pipeline.model_input import probability_to_u8
+from pipeline.orient_net import OrientationClassifier
+from pipeline.orientation import UPRIGHT, decide, undo
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,20 @@ class Segmenter:
     """uint8 (N, S, S) model inputs -> lung probabilities (see the module docstring)."""
 
     def __init__(self, weights: Weights | str | None = None, *, device: str | None = None,
-                 cpu_threads: int | None = None, cpu_bf16: bool | None = None):
+                 cpu_threads: int | None = None, cpu_bf16: bool | None = None,
+                 orientation: Weights | str | None = None, fix_orientation: bool = False):
         self.device = pick_device(device)
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.model, self.meta = load_model(weights, device=str(self.device))
         self.size = self.meta.input_size
+        if orientation is None and isinstance(weights, Weights):
+            orientation = weights.orientation
+        self.orientation = OrientationClassifier(orientation, device=self.device)
+        if self.orientation.meta.input_size != self.size:
+            raise ValueError(f"the orientation model expects {self.orientation.meta.input_size} px inputs, "
+                             f"the lung model {self.size} px")
+        self.fix_orientation = fix_orientation
         if cpu_bf16 is None:
             cpu_bf16 = cpu_has_native_bf16()
         self.channels_last = cpu_bf16 and self.device.type == "cpu"
@@ -86,10 +97,25 @@ class Segmenter:
         return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{"model_input": uint8 (N, S, S)} -> {"lung_prob": uint8 (N, S, S)}, round(p * 255)."""
+        """{"model_input": uint8 (N, S, S)} -> {"orientation", "turned": (N,), "lung_prob", "lung_prob_flip": (N, S, S)}.
+
+        orientation: uint8, how each image arrived (`pipeline.orientation`; 0 = upright); turned: bool, the
+        input was turned upright before segmenting (fix_orientation and orientation != 0), so the
+        probabilities are in the upright frame; lung_prob: uint8 round(p * 255); lung_prob_flip: the same
+        for the input mirrored left-right, mirrored back, the second view `pipeline.quality` compares with
+        the first. Both views run in one model call.
+        """
         inputs = batch["model_input"]
         if inputs.ndim != 3 or inputs.dtype != np.uint8 or inputs.shape[1:] != (self.size, self.size):
             raise ValueError(f"expected model_input uint8 (N, {self.size}, {self.size}), got {inputs.dtype} {inputs.shape}")
-        if len(inputs) == 0:
-            return {"lung_prob": np.zeros_like(inputs)}
-        return {"lung_prob": probability_to_u8(self.predict(inputs))}
+        n = len(inputs)
+        orientation = decide(self.orientation(inputs), threshold=self.orientation.meta.threshold).astype(np.uint8)
+        turned = (orientation != UPRIGHT) & self.fix_orientation
+        if turned.any():
+            inputs = np.stack([undo(x, k) if t else x for x, k, t in zip(inputs, orientation, turned)])
+        if n == 0:
+            probs = np.zeros((0, self.size, self.size), np.uint8)
+        else:
+            probs = probability_to_u8(self.predict(np.concatenate([inputs, inputs[:, :, ::-1]])))
+        return {"orientation": orientation, "turned": turned, "lung_prob": probs[:n],
+                "lung_prob_flip": np.ascontiguousarray(probs[n:, :, ::-1])}

@@ -196,7 +196,10 @@ from pipeline.process import ProcessConfig, process
 from pipeline.refine import RefineConfig
 cfg = ProcessConfig(variants=("masked",), model=ModelMeta("m", 256, "equalize-u8", 0.5), model_sha256="x",
                     refine=RefineConfig(threshold=0.5))
-pool = lambda batch: {{"lung_prob": np.full_like(batch["model_input"], 200)}}
+n = lambda batch: len(batch["model_input"])
+pool = lambda batch: {{"orientation": np.zeros(n(batch), np.uint8), "turned": np.zeros(n(batch), bool),
+                      "lung_prob": np.full_like(batch["model_input"], 200),
+                      "lung_prob_flip": np.full_like(batch["model_input"], 200)}}
 source = {{"source_path": "a.png", "location": {str(SAMPLES / "xrays" / "jsrt_JPCLN013.png")!r}.encode()}}
 rows = [r for chunk in process([source], pool, cfg) for r in chunk]
 assert rows[0]["error_stage"] is None and rows[0]["masked_png"], rows[0]
@@ -365,3 +368,46 @@ def test_a_relative_output_under_ray_job_submit_is_refused(tmp_path):
                        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
                        env={**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"})
     assert r.returncode == 2 and "ray job submit" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_turned_images_are_flagged_and_with_fix_orientation_come_out_upright(ray_local, tmp_path):
+    """A film turned 90 degrees and one mirrored: flagged and failing QC as they come; with
+    fix_orientation the mask and variants are the upright image's and the row passes."""
+    from pipeline.config import SegmentConfig
+    from pipeline.orientation import ORIENTATION_FLAGS, transform
+
+    upright = cv2.imread(str(SAMPLES / "xrays" / "jsrt_JPCLN013.png"), cv2.IMREAD_UNCHANGED)[:, 112:912]  # 1024 x 800
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "upright.png"), upright)
+    cv2.imwrite(str(inputs / "turned.png"), transform(upright, 3))  # turned 90 degrees clockwise
+    cv2.imwrite(str(inputs / "mirrored.png"), transform(upright, 4))
+    rows = {}
+    for fix in (False, True):
+        out = tmp_path / f"out_{fix}"
+        run_job(JobConfig(inputs=(str(inputs),), output=str(out), variants=("masked",),
+                          segment=SegmentConfig(fix_orientation=fix)))
+        _, images, errors = read_output(out)
+        assert errors == []
+        rows[fix] = {r["source_path"]: r for r in images}
+    for fix, by_name in rows.items():
+        assert by_name["upright.png"]["qc_flags"] == [] and by_name["upright.png"]["qc_pass"]
+        turned = by_name["turned.png"]["qc_flags"]  # left turned, its mask is poor too (no_lungs, low_quality)
+        assert [f for f in turned if f in ORIENTATION_FLAGS] == ["rotated_90"]
+        assert (turned == ["rotated_90"]) is fix
+        assert by_name["mirrored.png"]["qc_flags"] == ["mirrored"]
+        for name in ("turned.png", "mirrored.png"):
+            assert by_name[name]["qc_pass"] is fix
+            assert ("orientation_fixed" in by_name[name]["decode_notes"]) is fix
+    turned, reference = rows[True]["turned.png"], rows[True]["upright.png"]
+    assert (turned["source_height"], turned["source_width"]) == (800, 1024)  # the file as it came
+    mask = cv2.imdecode(np.frombuffer(turned["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    upright_mask = cv2.imdecode(np.frombuffer(reference["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (1024, 800)  # turned upright
+    assert 2 * np.logical_and(mask, upright_mask).sum() / (np.count_nonzero(mask) + np.count_nonzero(upright_mask)) > 0.97
+    as_came = cv2.imdecode(np.frombuffer(rows[False]["turned.png"]["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert as_came.shape == (800, 1024)
+    for r in (reference, turned):  # both lungs found; the two sides add up to the whole
+        assert r["right_lung_fraction"] > 0 and r["left_lung_fraction"] > 0
+        assert r["right_lung_fraction"] + r["left_lung_fraction"] == pytest.approx(r["lung_fraction"], rel=1e-5)
+        assert 0.9 <= r["quality_score"] <= 1.0

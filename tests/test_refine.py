@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.refine import (
+    LEFT_LUNG,
+    RIGHT_LUNG,
     MaskStats,
     RefineConfig,
     close_horizontal,
@@ -15,6 +17,7 @@ from pipeline.refine import (
     fill_holes,
     keep_largest_components,
     line_length_px,
+    lung_sides,
     mask_bbox,
     mask_stats,
     qc_flags,
@@ -523,3 +526,22 @@ def test_qc_flags_use_config_thresholds():
     stats = MaskStats(0.30, 2, (0, 0, 1, 1))
     assert qc_flags(stats, RefineConfig(small_area_frac=0.35, large_area_frac=0.9)) == ("small_lung_area",)
     assert qc_flags(stats, RefineConfig(small_area_frac=0.1, large_area_frac=0.25)) == ("large_lung_area",)
+
+
+def test_the_patients_right_lung_is_the_component_on_the_images_left():
+    mask = np.zeros((20, 40), np.uint8)
+    mask[2:18, 2:12] = 255  # image's left: the patient's right lung, 160 px
+    mask[4:16, 26:36] = 255  # image's right: the left lung, 120 px
+    sides = lung_sides(mask)
+    assert set(np.unique(sides[mask == 0])) == {0}
+    assert set(np.unique(sides[:, :20][mask[:, :20] > 0])) == {RIGHT_LUNG}
+    assert set(np.unique(sides[:, 20:][mask[:, 20:] > 0])) == {LEFT_LUNG}
+    stats = mask_stats(mask)
+    assert stats.right_lung_fraction == 160 / 800 and stats.left_lung_fraction == 120 / 800
+    assert stats.right_lung_fraction + stats.left_lung_fraction == stats.lung_fraction
+
+    only_left = mask.copy()
+    only_left[:, :20] = 0
+    stats = mask_stats(only_left)
+    assert (stats.right_lung_fraction, stats.left_lung_fraction) == (0.0, 120 / 800)
+    assert mask_stats(np.zeros((4, 4), np.uint8)) == MaskStats(0.0, 0, None, 0.0, 0.0)

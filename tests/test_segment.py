@@ -45,18 +45,37 @@ def test_shipped_weights_are_in_the_package_and_small():
 
 
 def test_segmenter_batch_contract(segmenter):
-    """{"model_input": uint8 (N, S, S)} -> {"lung_prob": uint8 (N, S, S)}, the rounded probability x255."""
+    """{"model_input": uint8 (N, S, S)} -> orientation and turned (N,), lung_prob and lung_prob_flip uint8 (N, S, S)."""
     s = segmenter.size
     x = np.random.default_rng(0).integers(0, 256, (3, s, s), dtype=np.uint8)
     out = segmenter({"model_input": x})
-    assert set(out) == {"lung_prob"}
-    assert out["lung_prob"].dtype == np.uint8 and out["lung_prob"].shape == (3, s, s)
+    assert set(out) == {"orientation", "turned", "lung_prob", "lung_prob_flip"}
+    assert out["lung_prob"].dtype == out["lung_prob_flip"].dtype == np.uint8
+    assert out["lung_prob"].shape == out["lung_prob_flip"].shape == (3, s, s)
+    assert out["orientation"].shape == out["turned"].shape == (3,) and not out["turned"].any()
     np.testing.assert_array_equal(out["lung_prob"], probability_to_u8(segmenter.predict(x)))
-    assert segmenter({"model_input": x[:0]})["lung_prob"].shape == (0, s, s)
+    np.testing.assert_array_equal(out["lung_prob_flip"], probability_to_u8(segmenter.predict(x[:, :, ::-1].copy()))[:, :, ::-1])
+    empty = segmenter({"model_input": x[:0]})
+    assert empty["lung_prob"].shape == empty["lung_prob_flip"].shape == (0, s, s) and empty["orientation"].shape == (0,)
     with pytest.raises(ValueError, match="model_input uint8"):
         segmenter({"model_input": x[:, :10]})
     with pytest.raises(ValueError, match="model_input uint8"):
         segmenter({"model_input": x.astype(np.float32)})
+
+
+def test_a_turned_image_is_segmented_upright_when_asked(segmenter):
+    """With fix_orientation the model sees the input turned back: its probabilities are the upright image's."""
+    from pipeline.orientation import transform
+
+    pixels = decode_image((SAMPLES / "xrays" / "covidqu_normal_10235.jpg").read_bytes(), source="s").pixels
+    upright = prepare_input(pixels, segmenter.meta)
+    fixing = Segmenter(device="cpu", cpu_threads=2, cpu_bf16=False, fix_orientation=True)
+    for k in (1, 2, 6):
+        seen = transform(upright, k)[None]
+        left, fixed = segmenter({"model_input": seen}), fixing({"model_input": seen})
+        assert left["orientation"][0] == fixed["orientation"][0] == k
+        assert not left["turned"][0] and fixed["turned"][0]
+        np.testing.assert_array_equal(fixed["lung_prob"], segmenter({"model_input": upright[None]})["lung_prob"])
 
 
 def _sample_masks(segmenter: Segmenter) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -6,7 +6,8 @@
 
 Each image goes through decode, segment and refine on Ray exactly as in jobs/preprocess.py; the
 refined mask is compared with the ground truth at the source resolution. Writes report.json,
-report.md, per_image.csv and worst_<set>.png (contact sheet: green truth, red prediction).
+report.md (with how well quality_score ranks the masks: Spearman against Dice), per_image.csv and
+worst_<set>.png (contact sheet of the lowest quality_score, lowest first: green truth, red prediction).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from pipeline.evaluate import (
     read_mask,
     relative_name,
     score,
+    spearman,
     summarize,
 )
 from pipeline.model import read_weights
 from pipeline.png import decode_png
+from pipeline.quality import QC_LOW_QUALITY
 
 log = logging.getLogger("evaluate")
 
@@ -46,6 +49,8 @@ SCORE_SCHEMA = pa.schema([
     pa.field("source_path", pa.string()),
     pa.field("dice", pa.float64()),
     pa.field("iou", pa.float64()),
+    pa.field("quality_score", pa.float64()),
+    pa.field("qc_flags", pa.list_(pa.string())),
     pa.field("mask_png", pa.binary()),
     pa.field("error", pa.string()),
 ])
@@ -73,8 +78,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def score_batch(table: pa.Table, *, truth: dict[str, str]) -> pa.Table:
     rows = []
-    for r in table.select(["source_path", "mask_png", "error_message"]).to_pylist():
-        out = {"source_path": r["source_path"], "dice": None, "iou": None, "mask_png": r["mask_png"], "error": r["error_message"]}
+    for r in table.select(["source_path", "quality_score", "qc_flags", "mask_png", "error_message"]).to_pylist():
+        out = {"source_path": r["source_path"], "dice": None, "iou": None, "quality_score": r["quality_score"],
+               "qc_flags": r["qc_flags"], "mask_png": r["mask_png"], "error": r["error_message"]}
         if r["error_message"] is None:
             try:
                 out["dice"], out["iou"] = score(r["mask_png"], truth[r["source_path"]])
@@ -84,12 +90,19 @@ def score_batch(table: pa.Table, *, truth: dict[str, str]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
 
 
+def by_quality(rows: list[dict]) -> list[dict]:
+    """Rows lowest quality_score first (unscored last), ties by Dice."""
+    return sorted(rows, key=lambda r: (r["quality_score"] is None, r["quality_score"] or 0.0, r["dice"]))
+
+
 def worst_sheet(rows: list[dict], files: dict[str, SourceFile], truth: dict[str, str], k: int):
+    """The k rows of lowest quality_score, lowest first: each tile says its score (q) and its true Dice (d)."""
     tiles = []
-    for r in sorted(rows, key=lambda r: r["dice"])[:k]:
+    for r in by_quality(rows)[:k]:
         src = files[r["source_path"]]
         pixels = decode_image(Path(src.location).read_bytes(), source=src.location).pixels
-        label = f"{r['dice']:.3f} {Path(src.location).name[:28]}"
+        q = "n/a" if r["quality_score"] is None else f"{r['quality_score']:.2f}"
+        label = f"q{q} d{r['dice']:.3f} {Path(src.location).name[:22]}"
         tiles.append(overlay(pixels, decode_png(r["mask_png"]), read_mask(truth[r["source_path"]]), label=label))
     return contact_sheet(tiles) if tiles else None
 
@@ -127,6 +140,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ok = [r for r in mine if r["error"] is None]
         summary = summarize([r["dice"] for r in ok])
         summary["mean_iou"] = sum(r["iou"] for r in ok) / len(ok) if ok else None
+        scored = [r for r in ok if r["quality_score"] is not None]
+        summary["quality_spearman"] = spearman([r["quality_score"] for r in scored], [r["dice"] for r in scored])
+        summary["low_quality"] = sum(QC_LOW_QUALITY in (r["qc_flags"] or []) for r in ok)
         summary["errors"] = [{"source_path": r["source_path"], "error": r["error"]} for r in mine if r["error"]]
         summary["worst"] = [{"source_path": r["source_path"], "dice": round(r["dice"], 4)}
                             for r in sorted(ok, key=lambda r: r["dice"])[:args.worst]]
@@ -138,15 +154,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     with (out / "per_image.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["source_path", "dice", "iou", "error"])
+        w.writerow(["source_path", "dice", "iou", "quality_score", "qc_flags", "error"])
         for r in sorted(rows, key=lambda r: r["source_path"]):
-            w.writerow([r["source_path"], r["dice"], r["iou"], r["error"] or ""])
+            w.writerow([r["source_path"], r["dice"], r["iou"], r["quality_score"], " ".join(r["qc_flags"] or []),
+                        r["error"] or ""])
     lines = [f"# Evaluation of {meta.name} ({report['model']['sha256'][:12]})", "",
-             "| set | n | mean Dice | median | p10 | worst | mean IoU | errors |", "|---|---|---|---|---|---|---|---|"]
+             "| set | n | mean Dice | median | p10 | worst | mean IoU | quality vs Dice (Spearman) | low_quality | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["sets"].items():
         if r["n"]:
+            rho = "n/a" if r["quality_spearman"] is None else f"{r['quality_spearman']:.2f}"
             lines.append(f"| {name} | {r['n']} | {r['mean_dice']:.4f} | {r['median_dice']:.4f} | {r['p10_dice']:.4f} | "
-                         f"{r['worst_dice']:.4f} | {r['mean_iou']:.4f} | {len(r['errors'])} |")
+                         f"{r['worst_dice']:.4f} | {r['mean_iou']:.4f} | {rho} | {r['low_quality']} | {len(r['errors'])} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"{len(rows)} images in {seconds:.1f} s -> {out}")

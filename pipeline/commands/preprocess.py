@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="seconds the segmenter pool may take to start (GPU nodes being added); then the job stops")
     p.add_argument("--segment-batch", type=int, default=None,
                    help=f"images per model call (default: {POOL_BATCH} with a GPU pool, {WORKER_BATCH} on CPU workers)")
+    p.add_argument("--fix-orientation", action="store_true",
+                   help="turn an image that the orientation check finds rotated or mirrored upright before segmenting "
+                        "(it is flagged either way; without this option it also fails QC)")
+    p.add_argument("--orientation-model", default=None,
+                   help="orientation classifier file (default: the one shipped in the package)")
     p.add_argument("--segment-cpu-precision", choices=tuple(CPU_PRECISIONS), default="auto",
                    help="model arithmetic of CPU segmenter actors; auto: bf16 where the CPU has native bf16 "
                         "(AVX512-BF16, AMX; 3.5x faster, same Dice), else fp32")
@@ -98,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         resume=args.resume,
         decode=DecodeConfig(max_pixels=args.max_pixels),
         workers=args.workers,
-        segment=SegmentConfig(weights=args.model, gpus_per_actor=args.segment_gpus,
+        segment=SegmentConfig(weights=args.model, orientation_weights=args.orientation_model,
+                              fix_orientation=args.fix_orientation, gpus_per_actor=args.segment_gpus,
                               actors=args.segment_actors, batch_size=args.segment_batch,
                               start_timeout_s=args.segment_start_timeout,
                               cpu_bf16=CPU_PRECISIONS[args.segment_cpu_precision]),
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         for path in cfg.inputs:
             if "://" not in path and not os.path.lexists(path):
                 raise ValueError(f"input {path} does not exist")
-        weights = read_weights(cfg.segment.weights)  # read and checked once, before Ray starts
+        weights = read_weights(cfg.segment.weights, orientation=cfg.segment.orientation_weights)  # read and checked once, before Ray starts
         check_output(cfg, weights)
     except (ValueError, OSError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
