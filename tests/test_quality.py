@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SAMPLES
 
 from pipeline.decode import decode_image
 from pipeline.degrade import KINDS, degrade
@@ -11,10 +12,15 @@ from pipeline.evaluate import dice, read_mask, spearman
 from pipeline.model import read_weights
 from pipeline.model_input import prepare_input
 from pipeline.qc import FLAGS, row_qc
-from pipeline.quality import FEATURES, QC_LOW_QUALITY, QualityModel, quality_features, quality_score
+from pipeline.quality import (
+    FEATURES,
+    QC_LOW_QUALITY,
+    QualityModel,
+    quality_features,
+    quality_score,
+)
 from pipeline.refine import MaskStats, RefineConfig, refine
 from pipeline.segment import Segmenter
-from conftest import SAMPLES
 
 S = 32
 
