@@ -8,7 +8,7 @@ Flags, in this order (docs/OUTPUT.md lists them):
     orientation     rotated_90, rotated_180, rotated_270, mirrored (`pipeline.orientation`): what the image
                     looked like when it came in, also when the job turned it upright (--fix-orientation)
     view            not_frontal: the DICOM ViewPosition says lateral or oblique
-    decoding        polarity_corrected, burned_in_annotation (decoder notes a user should see)
+    decoding        burned_in_annotation, polarity_corrected (decoder notes a user should see)
 
 A row fails QC (``qc_pass`` false; it still has its images, downstream may drop it) for any flag but
 polarity_corrected, and for an orientation flag only when the image was left as it came.
@@ -28,7 +28,7 @@ QC_NOT_FRONTAL = "not_frontal"
 NOTE_ORIENTATION_FIXED = "orientation_fixed"  # decode note: the image was turned upright before segmenting
 NOTE_POLARITY_CORRECTED = "polarity_corrected"
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO"})  # ViewPosition defined terms of lateral and oblique views
-DECODE_NOTES_IN_QC = (NOTE_POLARITY_CORRECTED, NOTE_BURNED_IN)  # decoder notes shown among the QC flags
+DECODE_NOTES_IN_QC = (NOTE_BURNED_IN, NOTE_POLARITY_CORRECTED)  # decoder notes shown among the QC flags
 FLAGS = (*MASK_QC_FLAGS, QC_LOW_QUALITY, *ORIENTATION_FLAGS, QC_NOT_FRONTAL, *DECODE_NOTES_IN_QC)  # every flag, in order
 PASSING_FLAGS = frozenset({NOTE_POLARITY_CORRECTED})  # shown, but the image is fine
 

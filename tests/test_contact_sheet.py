@@ -18,6 +18,7 @@ from PIL import Image
 from pipeline.contact_sheet import (
     BAND_BGR,
     BAND_PX,
+    QUALITY_COLUMN,
     SELECT_COLUMNS,
     choose_variant,
     make_contact_sheet,
@@ -69,7 +70,10 @@ def image_values(i: int, kind: str, flags: list[str], variants: tuple[str, ...],
         "mask_png": encode_png(mask, mask=True),
         "lung_bbox_x0": box[0], "lung_bbox_y0": box[1], "lung_bbox_x1": box[2], "lung_bbox_y1": box[3],
         "lung_fraction": float((mask > 0).mean()),
+        "right_lung_fraction": float((mask[:, : W // 2] > 0).mean()) / 2,
+        "left_lung_fraction": float((mask[:, W // 2 :] > 0).mean()) / 2,
         "n_components": {"two": 2, "one": 1, "small": 2, "none": 0}[kind],
+        "quality_score": quality_of(i),
         "qc_flags": flags,
         "qc_pass": not flags,
         "decode_notes": [f for f in flags if f in ("polarity_corrected", "burned_in_annotation")],
@@ -82,6 +86,11 @@ def image_values(i: int, kind: str, flags: list[str], variants: tuple[str, ...],
         values[f"{name}_png"] = encode_png(pixels)
         values[f"{name}_height"], values[f"{name}_width"] = pixels.shape
     return values
+
+
+def quality_of(i: int) -> float:
+    """The synthetic rows' quality_score: not in output order, so sorting by it shows."""
+    return round(0.5 + ((7 * i) % 11) / 22, 4)
 
 
 def write_output(root, rows=ROWS, *, variants: tuple[str, ...] = VARIANTS, cfg: VariantConfig = GEOMETRY,
@@ -262,7 +271,7 @@ def test_only_the_small_columns_and_the_chosen_row_groups_are_read(output, monke
     monkeypatch.setattr(pq, "read_table", read_table)
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
     make_contact_sheet(output, sample=1, per_flag=0)
-    assert read_columns == [SELECT_COLUMNS] * 3  # one read of the small columns per shard
+    assert read_columns == [(*SELECT_COLUMNS, QUALITY_COLUMN)] * 3  # one read of the small columns per shard
     assert len(row_groups) == 1 and row_groups[0][1] == ("mask_png", "full_png")
 
 
@@ -286,3 +295,22 @@ def test_a_sheet_of_the_real_job_on_the_samples(ray_local, tmp_path):
     assert {g.name: g.total for g in plan.groups[1:]} == manifest["counts"]["qc_flags"]
     sheet, _ = render_contact_sheet(out, plan)
     assert cv2.imread(path).shape == sheet.shape
+
+
+def test_every_section_shows_the_lowest_quality_first_and_a_flag_its_worst_rows(output):
+    plan = plan_contact_sheet(output, sample=5, per_flag=2)
+    for g in plan.groups:
+        scores = [r.quality_score for r in g.rows]
+        assert scores == sorted(scores), g.name
+    one_lung = next(g for g in plan.groups if g.name == "one_lung")  # 3 rows carry it, 2 are shown: the 2 lowest
+    carrying = sorted(quality_of(i) for i, (_, flags) in enumerate(ROWS) if "one_lung" in flags)
+    assert [r.quality_score for r in one_lung.rows] == pytest.approx(carrying[:2])
+
+
+def test_an_output_without_quality_scores_still_gets_a_sheet(tmp_path):
+    out = write_output(tmp_path / "old", rows=[("two", []), ("one", ["one_lung"])], shards=1)
+    shard = next((tmp_path / "old" / "images").glob("*.parquet"))
+    pq.write_table(pq.read_table(shard).drop_columns(["quality_score"]), shard)  # as schema 2 wrote it
+    plan = plan_contact_sheet(out, sample=2)
+    assert all(r.quality_score is None for g in plan.groups for r in g.rows)
+    assert [g.total for g in plan.groups] == [2, 1]
