@@ -82,14 +82,15 @@ class MaskStats:
     lung_fraction: float  # lung pixels / all pixels, in [0, 1]
     n_components: int  # 8-connected lung components
     bbox: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), end exclusive, source pixels; None when empty
-    right_lung_fraction: float = 0.0  # pixels of the patient's right lung / all pixels (`lung_side`)
+    right_lung_fraction: float = 0.0  # pixels of the patient's right lung / all pixels (`lung_sides`)
     left_lung_fraction: float = 0.0  # pixels of the patient's left lung / all pixels
 
 
 # Which lung a component is: on a frontal film viewed as radiographs are read (PA or AP, the patient
 # facing the viewer), the patient's right lung is on the image's left.
-RIGHT_LUNG = 1  # `lung_side` / `lung_sides` value of the patient's right lung
+RIGHT_LUNG = 1  # `lung_sides` value of the patient's right lung
 LEFT_LUNG = 2  # ... and of the left lung
+SIDE_GRID_PX = 256  # centroids for the sides are taken on a grid of about this many px a side
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -257,12 +258,14 @@ def _select_components(
     if n is not None and len(ranked) > n and areas[ranked[n - 1]] == areas[ranked[n]]:  # a tie at the cut
         ranked = sorted(ranked, key=lambda k: (-areas[k], *_top_left(labels, k)))
     kept = [k for k in ranked[:n] if areas[k] >= min_area_px]
-    out = np.zeros_like(mask)
-    side_px = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
-    for k in kept:
-        component = cv2.compare(labels, k, cv2.CMP_EQ)
-        side_px[lung_side(component)] += int(areas[k])
-        cv2.bitwise_or(out, component, dst=out)
+    if len(kept) == n_labels - 1:
+        out = (mask > 0).view(np.uint8) * np.uint8(LUNG)
+    else:
+        out = np.zeros_like(mask)
+        for k in kept:
+            cv2.bitwise_or(out, cv2.compare(labels, k, cv2.CMP_EQ), dst=out)
+    sides = _sides(labels, n_labels)
+    side_px = {side: sum(int(areas[k]) for k in kept if sides[k] == side) for side in (RIGHT_LUNG, LEFT_LUNG)}
     stats = MaskStats(
         lung_fraction=float(sum(areas[k] for k in kept)) / mask.size,
         n_components=len(kept),
@@ -273,23 +276,36 @@ def _select_components(
     return out, stats
 
 
-def lung_side(component: np.ndarray) -> int:
-    """RIGHT_LUNG if the component's centroid lies in the image's left half, else LEFT_LUNG.
+def _sides(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """int (n_labels,): RIGHT_LUNG or LEFT_LUNG per label (index 0, the background: 0), by its centroid's column.
 
-    component: uint8 (H, W), nonzero = the component. A frontal film is viewed with the patient facing
-    the viewer, so the patient's right lung is on the image's left (a mirrored image breaks this; the
-    orientation check flags it). Two components on one side both count for that side.
+    A frontal film is viewed with the patient facing the viewer, so the patient's right lung is on the
+    image's left: a component whose centroid lies left of the image's centre line is the right lung
+    (a mirrored image breaks this; the orientation check flags it). Centroids come from every
+    SIDE_STEP-th pixel of images over SIDE_GRID_PX px (0.1 ms at 2k x 2k instead of 8 ms exact;
+    components too small to be sampled are measured exactly).
     """
-    m = cv2.moments(component, binaryImage=True)
-    if m["m00"] == 0:
-        raise ValueError("expected a non-empty component")
-    return RIGHT_LUNG if m["m10"] / m["m00"] < (component.shape[1] - 1) / 2 else LEFT_LUNG
+    h, w = labels.shape
+    step = max(1, min(h, w) // SIDE_GRID_PX)
+    grid = labels[::step, ::step]
+    columns = np.broadcast_to(np.arange(0, w, step, dtype=np.float64), grid.shape)
+    count = np.bincount(grid.ravel(), minlength=n_labels)
+    x_sum = np.bincount(grid.ravel(), weights=columns.ravel(), minlength=n_labels)
+    sides = np.zeros(n_labels, np.int64)
+    for k in range(1, n_labels):
+        if count[k]:
+            cx = x_sum[k] / count[k]
+        else:
+            m = cv2.moments(cv2.compare(labels, k, cv2.CMP_EQ), binaryImage=True)
+            cx = m["m10"] / m["m00"]
+        sides[k] = RIGHT_LUNG if cx < (w - 1) / 2 else LEFT_LUNG
+    return sides
 
 
 def lung_sides(mask: np.ndarray) -> np.ndarray:
     """uint8 (H, W) {0, 255} lung mask -> uint8 (H, W) labels: 0 background, RIGHT_LUNG / LEFT_LUNG per component.
 
-    The rule the job uses for right_lung_fraction / left_lung_fraction (`lung_side`), for a mask read
+    The rule the job uses for right_lung_fraction / left_lung_fraction (`_sides`), for a mask read
     back from the output::
 
         mask              sides
@@ -298,11 +314,7 @@ def lung_sides(mask: np.ndarray) -> np.ndarray:
     """
     _check_mask(mask)
     n_labels, labels, _ = _labels(mask)
-    sides = np.zeros_like(mask)
-    for k in range(1, n_labels):
-        component = cv2.compare(labels, k, cv2.CMP_EQ)
-        sides[component > 0] = lung_side(component)
-    return sides
+    return _sides(labels, n_labels).astype(np.uint8)[labels]
 
 
 def drop_small_components(mask: np.ndarray, *, min_area_px: float) -> np.ndarray:

@@ -98,7 +98,7 @@ def images_schema(variants: list[str] | tuple[str, ...]) -> pa.Schema:
         pa.field("lung_bbox_x1", pa.int32()),
         pa.field("lung_bbox_y1", pa.int32()),
         pa.field("lung_fraction", pa.float32()),
-        pa.field("right_lung_fraction", pa.float32()),  # the patient's right lung: the image's left (pipeline.refine.lung_side)
+        pa.field("right_lung_fraction", pa.float32()),  # the patient's right lung: the image's left (pipeline.refine.lung_sides)
         pa.field("left_lung_fraction", pa.float32()),
         pa.field("n_components", pa.int32()),
         pa.field("quality_score", pa.float32()),  # the mask's predicted Dice, 0..1 (pipeline.quality)
