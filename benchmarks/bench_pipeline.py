@@ -106,6 +106,15 @@ def stage_costs(paths: list[Path], weights, segment) -> dict[str, float]:
     return {k: 1000 * v / len(paths) for k, v in t.items()}
 
 
+def segmenter_bytes_per_image(weights, paths: list[Path]) -> tuple[float, float]:
+    """Bytes per image of a call to the segmenter pool, in (the request's arrays) and out (the answer's),
+    measured on the real segmenter: what a worker and a GPU actor exchange through the object store."""
+    seg = Segmenter(weights, device="cpu", cpu_threads=1)
+    x = np.stack([prepare_input(decode_image(p.read_bytes(), source=p.name).pixels, weights.meta) for p in paths])
+    out = seg({"model_input": x})
+    return x.nbytes / len(x), sum(v.nbytes for v in out.values()) / len(x)
+
+
 class MemorySampler:
     """Peaks of the driver's RSS, the summed PSS of every Ray process, and the object store, while running."""
 
@@ -248,9 +257,9 @@ def main() -> None:
         res["job"] = job_result(*job, args.n, res["ideal_images_per_s"])
         res["free_model_pool"] = job_result(*free, args.n, res["free_ideal_images_per_s"])
         per_image = {k: v / args.n for k, v in job[1]["runs"][-1]["object_store_bytes"].items()}
-        side = weights.meta.input_size
-        res["object_store_bytes_per_image"] = {"sources": per_image["sources"], "segmenter_in": side * side,
-                                               "segmenter_out": side * side, "results": per_image["results"]}
+        pool_in, pool_out = segmenter_bytes_per_image(weights, sample)
+        res["object_store_bytes_per_image"] = {"sources": per_image["sources"], "segmenter_in": pool_in,
+                                               "segmenter_out": pool_out, "results": per_image["results"]}
 
         start_ray(args.cpus, cores)
         small = small_xrays(work / "small", args.small)
