@@ -199,5 +199,5 @@ class OrientationClassifier:
         if not len(model_input):
             return np.zeros((0, N_ORIENTATIONS), np.float32)
         with torch.inference_mode():
-            x = downsample(torch.from_numpy(np.ascontiguousarray(model_input)), self.meta.net_size).to(self.device)
+            x = downsample(torch.from_numpy(np.require(model_input, requirements=("C", "W"))), self.meta.net_size).to(self.device)
             return torch.softmax(self.model(x).float(), dim=1).cpu().numpy().astype(np.float32)
