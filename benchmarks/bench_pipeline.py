@@ -115,15 +115,17 @@ def segmenter_bytes_per_image(weights, paths: list[Path]) -> tuple[float, float]
     return x.nbytes / len(x), sum(v.nbytes for v in out.values()) / len(x)
 
 
-class MemorySampler:
-    """Peaks of the driver's RSS, the summed PSS of every Ray process, and the object store, while running."""
+class Sampler:
+    """Calls `sample()` every `every_s` seconds in a thread while the `with` block runs."""
+
+    every_s = MEMORY_SAMPLE_S
 
     def __init__(self):
-        self.peak = {"driver_rss_mb": 0.0, "ray_processes_pss_mb": 0.0, "object_store_mb": 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
+        self.started = time.perf_counter()
         self._thread.start()
         return self
 
@@ -132,15 +134,28 @@ class MemorySampler:
         self._thread.join()
 
     def _run(self):
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class MemorySampler(Sampler):
+    """Peaks of the driver's RSS, the summed PSS of every Ray process, and the object store, while running."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = {"driver_rss_mb": 0.0, "ray_processes_pss_mb": 0.0, "object_store_mb": 0.0}
+
+    def sample(self) -> None:
         from ray._private.internal_api import memory_summary
 
-        while not self._stop.is_set():
-            now = {"driver_rss_mb": _status_kb(os.getpid(), "VmRSS") / 1024,
-                   "ray_processes_pss_mb": sum(_pss_kb(pid) for pid in _ray_pids()) / 1024,
-                   "object_store_mb": _plasma_mb(memory_summary(stats_only=True))}
-            for k, v in now.items():
-                self.peak[k] = max(self.peak[k], v)
-            self._stop.wait(MEMORY_SAMPLE_S)
+        now = {"driver_rss_mb": _status_kb(os.getpid(), "VmRSS") / 1024,
+               "ray_processes_pss_mb": sum(_pss_kb(pid) for pid in _ray_pids()) / 1024,
+               "object_store_mb": _plasma_mb(memory_summary(stats_only=True))}
+        for k, v in now.items():
+            self.peak[k] = max(self.peak[k], v)
 
 
 def _status_kb(pid: int, key: str) -> float:

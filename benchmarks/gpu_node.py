@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -123,39 +122,29 @@ def _gpu_now() -> dict | None:
     return {"util_pct": util, "mem_mb": mem}
 
 
-class UtilSampler:
+class UtilSampler(bench.Sampler):
     """Every SAMPLE_S seconds while running: CPU %, GPU % and memory, GPUs free in Ray, object store MB."""
 
+    every_s = SAMPLE_S
+
     def __init__(self):
+        super().__init__()
         self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._cpu = _cpu_times()
 
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
+    def sample(self) -> None:
         import ray
         from ray._private.internal_api import memory_summary
 
-        busy, total = _cpu_times()
-        while not self._stop.wait(SAMPLE_S):
-            b, t = _cpu_times()
-            sample = {"t_s": round(time.perf_counter() - self._t0, 1),
-                      "cpu_pct": round(100.0 * (b - busy) / max(t - total, 1e-9), 1),
-                      "ray_gpus_free": ray.available_resources().get("GPU", 0.0),
-                      "object_store_mb": bench._plasma_mb(memory_summary(stats_only=True))}
-            busy, total = b, t
-            gpu = _gpu_now()
-            if gpu:
-                sample.update(gpu_util_pct=gpu["util_pct"], gpu_mem_mb=gpu["mem_mb"])
-            self.samples.append(sample)
+        (busy, total), self._cpu = self._cpu, _cpu_times()
+        now = {"t_s": round(time.perf_counter() - self.started, 1),
+               "cpu_pct": round(100.0 * (self._cpu[0] - busy) / max(self._cpu[1] - total, 1e-9), 1),
+               "ray_gpus_free": ray.available_resources().get("GPU", 0.0),
+               "object_store_mb": bench._plasma_mb(memory_summary(stats_only=True))}
+        gpu = _gpu_now()
+        if gpu:
+            now.update(gpu_util_pct=gpu["util_pct"], gpu_mem_mb=gpu["mem_mb"])
+        self.samples.append(now)
 
     def summary(self) -> dict:
         def stats(key: str) -> dict | None:

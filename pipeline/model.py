@@ -47,17 +47,16 @@ class Weights:
         return f"Weights({self.meta.name if self.meta else '?'}, sha256={self.sha256[:12]}..., from {self.source})"
 
 
-def save_model(path: str | Path, model: torch.nn.Module, meta: ModelMeta) -> None:
-    """Write weights (floating tensors as fp16) and `meta` to `path`, atomically (temp file + rename)."""
-    if meta.normalization not in NORMALIZATIONS:
-        raise ValueError(f"expected normalization in {NORMALIZATIONS}, got {meta.normalization!r}")
+def fp16_state(model: torch.nn.Module) -> dict:
+    """The model's state dict on the CPU, floating tensors as fp16 (to keep files small)."""
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    state = {
-        k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).clone()
-        for k, v in model.state_dict().items()
-    }
-    payload = {"format": FILE_FORMAT, "version": FILE_VERSION, "state_dict": state, "meta": meta.to_dict()}
+    return {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).clone()
+            for k, v in model.state_dict().items()}
+
+
+def write_payload(path: str | Path, payload: dict) -> None:
+    """torch.save a model file's dict to `path`, atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -65,19 +64,36 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: ModelMeta) -> Non
     os.replace(tmp, path)
 
 
-def _payload(data: bytes, source: str) -> dict:
-    """The checked dict inside a weights file's bytes."""
+def check_payload(data: bytes, source: str, *, file_format: str, version: int, what: str) -> dict:
+    """The checked dict inside a model file's bytes: loads with weights_only, of `file_format` and `version`.
+
+    `what` names the kind of file in messages ("lung model"). Raises ValueError otherwise.
+    """
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{source} is not a readable lung model file (torch.load: {type(e).__name__}: {first_line})") from e
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise ValueError(f"{source} is not a readable {what} file (torch.load: {type(e).__name__}: {first_line})") from e
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{source} is not a lung model file: expected format {FILE_FORMAT!r}, got {got!r}")
-    if payload.get("version") != FILE_VERSION:
-        raise ValueError(f"{source}: expected file version {FILE_VERSION}, got {payload.get('version')!r}")
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise ValueError(f"{source} is not {article} {what} file: expected format {file_format!r}, got {got!r}")
+    if payload.get("version") != version:
+        raise ValueError(f"{source}: expected file version {version}, got {payload.get('version')!r}")
     return payload
+
+
+def save_model(path: str | Path, model: torch.nn.Module, meta: ModelMeta) -> None:
+    """Write weights (floating tensors as fp16) and `meta` to `path`, atomically (temp file + rename)."""
+    if meta.normalization not in NORMALIZATIONS:
+        raise ValueError(f"expected normalization in {NORMALIZATIONS}, got {meta.normalization!r}")
+    write_payload(path, {"format": FILE_FORMAT, "version": FILE_VERSION, "state_dict": fp16_state(model),
+                         "meta": meta.to_dict()})
+
+
+def _payload(data: bytes, source: str) -> dict:
+    """The checked dict inside a lung model file's bytes."""
+    return check_payload(data, source, file_format=FILE_FORMAT, version=FILE_VERSION, what="lung model")
 
 
 def update_meta(path: str | Path, **fields) -> None:
@@ -86,9 +102,7 @@ def update_meta(path: str | Path, **fields) -> None:
     payload = _payload(path.read_bytes(), str(path))
     meta = ModelMeta.from_dict({**payload["meta"], **fields})
     payload["meta"] = meta.to_dict()
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_payload(path, payload)
 
 
 def read_weights(path: str | Path | None = None, *, orientation: str | Path | None = None) -> Weights:

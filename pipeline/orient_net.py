@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import Weights
+from pipeline.model import Weights, check_payload, fp16_state, write_payload
 from pipeline.orientation import N_ORIENTATIONS
 
 log = logging.getLogger(__name__)
@@ -113,32 +111,13 @@ def downsample(model_input: torch.Tensor | np.ndarray, net_size: int) -> torch.T
 
 def save_orientation_model(path: str | Path, model: nn.Module, meta: OrientationMeta) -> None:
     """Write weights (floating tensors as fp16) and `meta` to `path`, atomically (temp file + rename)."""
-    state = {
-        k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).clone()
-        for k, v in model.state_dict().items()
-    }
-    payload = {"format": FILE_FORMAT, "version": FILE_VERSION, "state_dict": state, "meta": meta.to_dict()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_payload(path, {"format": FILE_FORMAT, "version": FILE_VERSION, "state_dict": fp16_state(model),
+                         "meta": meta.to_dict()})
 
 
 def _payload(data: bytes, source: str) -> dict:
     """The checked dict inside an orientation weights file's bytes."""
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign files
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{source} is not a readable orientation model file "
-                         f"(torch.load: {type(e).__name__}: {first_line})") from e
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{source} is not an orientation model file: expected format {FILE_FORMAT!r}, got {got!r}")
-    if payload.get("version") != FILE_VERSION:
-        raise ValueError(f"{source}: expected file version {FILE_VERSION}, got {payload.get('version')!r}")
-    return payload
+    return check_payload(data, source, file_format=FILE_FORMAT, version=FILE_VERSION, what="orientation model")
 
 
 def load_orientation_model(weights: Weights | str | Path | None = None, *, device: str | torch.device = "cpu"
