@@ -371,3 +371,63 @@ def test_load_pairs_from_parquet(tmp_path):
     pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="missing"):
         load_pairs(tmp_path / "bad.parquet")
+
+
+# ------------------------------------------------------------------- levers for the model of issue #13
+
+
+def test_boundary_band_is_the_ring_around_the_outline():
+    from pipeline.training.metrics import boundary_band
+
+    m = torch.zeros(1, 1, 6, 8)
+    m[0, 0, 2:4, 3:5] = 1
+    band = boundary_band(m, px=1)[0, 0]
+    expected = torch.zeros(6, 8)
+    expected[1:5, 2:6] = 1  # the 2x2 square grown by one; nothing is eroded away inside a 2x2 square but itself
+    torch.testing.assert_close(band, expected)
+    big = torch.zeros(1, 1, 10, 10)
+    big[0, 0, 2:8, 2:8] = 1
+    assert boundary_band(big, px=1)[0, 0, 5, 5] == 0  # deep inside: not in the band
+
+
+def test_boundary_weight_weighs_errors_at_the_outline_only():
+    m = torch.zeros(1, 1, 16, 16)
+    m[0, 0, 4:12, 4:12] = 1
+    at_edge, far = (m * 2 - 1) * 20, (m * 2 - 1) * 20
+    at_edge[0, 0, 4, 4:12] = -20  # the top row of the square missed: on the outline
+    far[0, 0, 0, 0:8] = 20  # 8 pixels of background called lung, far from it
+    plain = [float(dice_bce_loss(x, m)) for x in (at_edge, far)]
+    weighted = [float(dice_bce_loss(x, m, boundary_weight=4.0, boundary_px=1)) for x in (at_edge, far)]
+    assert weighted[0] > plain[0] * 2  # the outline error counts 5x in the BCE
+    assert weighted[1] == pytest.approx(plain[1], rel=1e-6)  # the far one not at all
+
+
+def test_oversampling_by_name():
+    from pipeline.training.data import sampling_weights
+
+    names = ["covid_12", "Non_COVID (28)", "Normal (10233)", "covid_7"]
+    assert sampling_weights(names, {"^covid_": 2.0, "^non_covid": 3.0}) == [2.0, 3.0, 1.0, 2.0]
+    assert sampling_weights(names, {}) == [1.0] * 4
+    with pytest.raises(ValueError, match="positive"):
+        sampling_weights(names, {"^covid_": 0.0})
+
+
+def test_strong_augmentation_inverts_some_images():
+    from pipeline.training.augment import STRONG_AUGMENT
+
+    img = np.tile(np.linspace(0, 65535, 64, dtype=np.float32), (64, 1)).astype(np.uint16)  # dark left, bright right
+    plain = dataclasses.replace(STRONG_AUGMENT, p_gradient=0, p_clahe=0, p_blur=0, p_sharpen=0, p_noise=0, p_corner=0,
+                                p_border=0, gamma=(1.0, 1.0), contrast=(1.0, 1.0))
+    rng = np.random.default_rng(0)
+    flipped = [int(out[:, :8].mean()) > int(out[:, -8:].mean()) for out in (augment_intensity(img, rng, plain) for _ in range(200))]
+    assert 0.03 < np.mean(flipped) < 0.2  # p_invert = 0.1
+
+
+def test_training_with_the_levers_runs_and_records_them(pair_folder, tmp_path):
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(data=str(pair_folder), out=str(out), epochs=2, val_fraction=0.25, boundary_weight=2.0,
+                      oversample=(("case \\(1", 3.0),), augment="strong", command="levers", **TINY_ARCH)
+    assert train(cfg)["epochs"] == 2
+    assert read_weights(out).meta.training["command"] == "levers"
+    with pytest.raises(ValueError, match="augment"):
+        train(dataclasses.replace(cfg, augment="wild"))

@@ -18,6 +18,7 @@ import sys
 
 from pipeline.cli import HelpFormatter
 from pipeline.training import TrainConfig, train
+from pipeline.training.augment import AUGMENT_PRESETS
 
 log = logging.getLogger("train")
 
@@ -51,12 +52,32 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--average", action="store_true", help="stochastic weight averaging: constant LR, average of the epochs")
     p.add_argument("--bn-images", type=int, default=d.bn_images, help="training images that re-estimate BatchNorm of the average")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--boundary-weight", type=float, default=d.boundary_weight,
+                   help="extra BCE weight of pixels within --boundary-px of the true outline")
+    p.add_argument("--boundary-px", type=int, default=d.boundary_px, help="half-width of that band, px at the input size")
+    p.add_argument("--oversample", type=parse_oversample, action="append", default=[], metavar="REGEX=FACTOR",
+                   help="draw training pairs whose name matches REGEX FACTOR times as often (repeatable; "
+                        "COVID-QU-Ex: '^covid_=2' '^non_covid=2'); one training worker only")
+    p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default=d.augment,
+                   help="augmentation preset: 'strong' widens gamma, contrast, blur and noise and inverts 10%%")
     return p.parse_args(argv)
+
+
+def parse_oversample(text: str) -> tuple[str, float]:
+    pattern, sep, factor = text.rpartition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if not sep or not pattern or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected REGEX=FACTOR with a factor > 0, got {text!r}")
+    return pattern, value
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
+    values["oversample"] = tuple(values.get("oversample") or ())
     return TrainConfig(**values, command=shlex.join(["xray-lung-prep", "train", *argv]))
 
 

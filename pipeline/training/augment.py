@@ -40,9 +40,14 @@ class AugmentConfig:
     p_sharpen: float = 0.15  # probability of an unsharp mask (film scanners often sharpen)
     p_noise: float = 0.3  # probability of Gaussian noise
     noise_sigma: tuple[float, float] = (0.003, 0.03)  # fraction of the full range
+    p_invert: float = 0.0  # probability of inverted polarity (a MONOCHROME1 film read as MONOCHROME2)
 
 
 DEFAULT_AUGMENT = AugmentConfig()
+# Other hospitals' film, harder: wider gamma and contrast, more and stronger blur and noise, and inversion.
+STRONG_AUGMENT = AugmentConfig(gamma=(0.4, 2.2), contrast=(0.15, 1.0), p_clahe=0.35, p_blur=0.4, blur_sigma=(0.3, 2.5),
+                               p_noise=0.45, noise_sigma=(0.003, 0.06), p_gradient=0.4, p_invert=0.1)
+AUGMENT_PRESETS = {"default": DEFAULT_AUGMENT, "strong": STRONG_AUGMENT}
 
 
 def augment_intensity(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = DEFAULT_AUGMENT) -> np.ndarray:
@@ -72,6 +77,8 @@ def augment_intensity(img: np.ndarray, rng: np.random.Generator, cfg: AugmentCon
         x = x + np.float32(rng.uniform(0.3, 1.0)) * (x - soft)
     if rng.random() < cfg.p_noise:
         x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(rng.uniform(*cfg.noise_sigma))
+    if cfg.p_invert and rng.random() < cfg.p_invert:
+        x = 1.0 - np.clip(x, 0.0, 1.0)
     dark = rng.uniform(0.0, 0.05)
     if rng.random() < cfg.p_corner:
         for top, left in ((True, True), (True, False), (False, True), (False, False)):

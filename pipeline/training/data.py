@@ -206,6 +206,20 @@ def load_parquet(path: Path, *, val_fraction: float, limit: int | None = None) -
     return PairSet(images, masks, names, split, source=f"parquet {path} (split: {how})")
 
 
+def sampling_weights(names: list[str], oversample: dict[str, float]) -> list[float]:
+    """Per name, the factor of the first regular expression in `oversample` that it matches (case-insensitive,
+    `re.search`), else 1: how often a weighted sampler draws it, relative to the others.
+
+    COVID-QU-Ex names tell the class: "covid_12", "Non_COVID (28)", "Normal (10233)", so
+    {"^covid_": 2, "^non_covid": 2} draws the two diseased classes twice as often as Normal.
+    """
+    patterns = [(re.compile(p, re.IGNORECASE), float(f)) for p, f in oversample.items()]
+    for pattern, factor in patterns:
+        if not factor > 0:
+            raise ValueError(f"expected a positive oversampling factor, got {factor} for {pattern.pattern!r}")
+    return [next((f for pattern, f in patterns if pattern.search(name)), 1.0) for name in names]
+
+
 def load_pairs(source: str | Path, *, val_fraction: float = 0.2, limit: int | None = None) -> PairSet:
     """Pairs from a packed .npz, a manifest .csv, Parquet, or a folder with images/ + masks/ (see the module doc)."""
     path = Path(source)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.model import load_model, save_model
 from pipeline.training.augment import (
-    DEFAULT_AUGMENT,
+    AUGMENT_PRESETS,
     AugmentConfig,
     augment_geometry,
     random_affines,
@@ -50,9 +50,15 @@ from pipeline.training.data import (
     PairDataset,
     load_pairs,
     prepared_pairs,
+    sampling_weights,
     worker_init,
 )
-from pipeline.training.metrics import channels_last, dice_bce_loss, evaluate
+from pipeline.training.metrics import (
+    BOUNDARY_PX,
+    channels_last,
+    dice_bce_loss,
+    evaluate,
+)
 from pipeline.unet import UNetConfig, build_unet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,10 @@ class TrainConfig:
     average: bool = False  # stochastic weight averaging: one LR cycle per epoch, average of the cycle ends
     bn_images: int = 512  # augmented training images that re-estimate BatchNorm stats of the average
     seed: int = 0  # seed for init, shuffling and augmentation
+    boundary_weight: float = 0.0  # extra BCE weight of pixels near the true outline (metrics.dice_bce_loss)
+    boundary_px: int = BOUNDARY_PX  # px, half-width of that band at the input size
+    oversample: tuple[tuple[str, float], ...] = ()  # (name regex, factor): drawn factor times as often (one worker)
+    augment: str = "default"  # augment.AUGMENT_PRESETS key
     command: str = ""  # command line, recorded in the model meta
 
 
@@ -165,9 +175,18 @@ def augmented_inputs(ds: PairDataset, *, n: int, augment: AugmentConfig, seed: i
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentConfig = DEFAULT_AUGMENT) -> dict:
-    """Train, keep the best-by-val-Dice weights at cfg.out (rank 0), return the final metrics dict."""
+def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentConfig | None = None) -> dict:
+    """Train, keep the best-by-val-Dice weights at cfg.out (rank 0), return the final metrics dict.
+
+    `augment` None: the preset `cfg.augment` names.
+    """
     rt = runtime or local_runtime()
+    if cfg.oversample and rt.world_size > 1:
+        raise ValueError("oversample works with one training worker (the local backend or --workers 1)")
+    if augment is None:
+        if cfg.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"expected augment in {sorted(AUGMENT_PRESETS)}, got {cfg.augment!r}")
+        augment = AUGMENT_PRESETS[cfg.augment]
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed + rt.rank)
     cuda = rt.device.type == "cuda"
@@ -195,6 +214,12 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
     if rt.world_size > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=rt.world_size, rank=rt.rank,
                                                                   shuffle=True, seed=cfg.seed, drop_last=True)
+    elif cfg.oversample:
+        weights = sampling_weights([pairs.names[i] for i in train_idx], dict(cfg.oversample))
+        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+                                                         generator=torch.Generator().manual_seed(cfg.seed))
+        log.info("oversampling %s: %d of %d training pairs drawn more often", dict(cfg.oversample),
+                 sum(w != 1.0 for w in weights), len(weights))
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=len(train_ds) >= cfg.batch_size * rt.world_size, num_workers=workers,
                         pin_memory=cuda, persistent_workers=workers > 0, worker_init_fn=worker_init,
@@ -237,7 +262,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
     stop = False
     while state["epoch"] < cfg.epochs and not stop:
         epoch = state["epoch"] + 1
-        if sampler is not None:
+        if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         train_model.train()
         t0, seen, loss_sum, loss_n = time.monotonic(), 0, torch.zeros((), device=rt.device), 0
@@ -255,7 +280,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
                 g["lr"] = cfg.lr * factor
             with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=fast):
                 logits = train_model(x)
-            loss = dice_bce_loss(logits, m)
+            loss = dice_bce_loss(logits, m, boundary_weight=cfg.boundary_weight, boundary_px=cfg.boundary_px)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

