@@ -22,8 +22,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,7 +58,9 @@ def predict(models, x: torch.Tensor, *, scales: list[int], bf16: bool) -> np.nda
 
 
 def evaluate_pairs(models, meta, pairs: PairSet, idx: list[int], *, batch: int = 16, bf16: bool = False,
-                   scales: list[int] | None = None) -> dict:
+                   scales: list[int] | None = None, groups: dict[str, str] | None = None) -> dict:
+    """Dice of the refined masks over `idx`: mean, median, worst, the unrefined mean, and with `groups`
+    ({name: regex on the pair's name}) the mean and count of each group."""
     refine_cfg = RefineConfig(threshold=meta.threshold)
     scales = scales or [meta.input_size]
     scores, raw_scores = [], []
@@ -70,7 +74,11 @@ def evaluate_pairs(models, meta, pairs: PairSet, idx: list[int], *, batch: int =
             scores.append(dice(refine_mask(p, mask.shape, refine_cfg), mask))
             raw_scores.append(dice(_upsampled(p, mask.shape) > meta.threshold, mask))
     s = np.array(scores)
-    return {"n": len(s), "dice_mean": float(s.mean()), "dice_median": float(np.median(s)), "dice_min": float(s.min()),
+    by_group = {}
+    for name, regex in (groups or {}).items():
+        mine = [d for d, i in zip(scores, idx) if re.search(regex, pairs.names[i], re.IGNORECASE)]
+        by_group[name] = {"n": len(mine), "dice_mean": float(np.mean(mine)) if mine else None}
+    return {"n": len(s), "dice_mean": float(s.mean()), "groups": by_group, "dice_median": float(np.median(s)), "dice_min": float(s.min()),
             "dice_unrefined_mean": float(np.mean(raw_scores)), "s_per_image": (time.monotonic() - t0) / max(len(s), 1),
             "worst": [f"{d:.4f} {pairs.names[i]}" for d, i in sorted(zip(s.tolist(), idx))[:3]]}
 
@@ -93,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--cpu-bf16", action="store_true", help="run the model in bf16 (as Segmenter(cpu_bf16=True))")
     p.add_argument("--record", action="store_true", help="store the results in the model file's meta.metrics")
+    p.add_argument("--groups", nargs="*", default=[], metavar="NAME=REGEX",
+                   help="also the mean Dice of the pairs whose name matches REGEX, e.g. COVID-19=^covid_")
+    p.add_argument("--limit", type=int, default=None, help="first N pairs of each source only (a smoke run)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = [load_model(path) for path in args.model]
@@ -103,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{path}: input size, normalization and threshold must match the first model's to average them")
     if args.record and (len(models) > 1 or args.scales):
         p.error("--record stores one model's own numbers: not with several models or --scales")
+    groups = dict(g.split("=", 1) for g in args.groups)
     run = {"bf16": args.cpu_bf16, "scales": args.scales}
     results = {}
     if args.val:
-        pairs = load_pairs(args.val)
-        results["val"] = evaluate_pairs(models, meta, pairs, pairs.indices(VAL), **run)
+        pairs = load_pairs(args.val, limit=args.limit)
+        results["val"] = evaluate_pairs(models, meta, pairs, pairs.indices(VAL), groups=groups, **run)
     for folder in args.external:
-        pairs = load_pairs(folder, val_fraction=1.0)  # every pair counts
-        results[folder.rstrip("/").rsplit("/", 1)[-1]] = evaluate_pairs(models, meta, pairs,
-                                                                           list(range(len(pairs.names))), **run)
+        pairs = load_pairs(folder, val_fraction=1.0, limit=args.limit)  # every pair counts
+        results[Path(folder.rstrip("/")).stem] = evaluate_pairs(models, meta, pairs, list(range(len(pairs.names))), **run)
     print(json.dumps(results, indent=1))
     if args.record:
         summary = {f"{name}_dice_refined": round(r["dice_mean"], 4) for name, r in results.items()}
