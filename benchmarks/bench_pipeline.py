@@ -43,7 +43,7 @@ from pipeline.model_input import prepare_input, probability_to_u8
 from pipeline.png import encode_png
 from pipeline.privacy import header_columns
 from pipeline.qc import row_qc
-from pipeline.quality import QualityModel, quality_features, quality_score
+from pipeline.quality import quality_features, quality_model, quality_score
 from pipeline.read import read_source
 from pipeline.refine import RefineConfig, refine
 from pipeline.segment import Segmenter
@@ -75,7 +75,7 @@ def stage_costs(paths: list[Path], weights, segment) -> dict[str, float]:
     """Milliseconds per image of each stage, one core, one thread, in this process (the first image, timed
     twice, warms up first-call costs and counts once)."""
     refine_cfg = RefineConfig(threshold=weights.meta.threshold)
-    quality = QualityModel.from_dict(weights.meta.quality)
+    quality = quality_model(weights.meta.quality, mirror_view=True)
     t = dict.fromkeys(STAGES, 0.0)
     for i, path in enumerate([paths[0], *paths]):
         if i == 1:

@@ -94,6 +94,7 @@ def contract(cfg: JobConfig, weights: Weights) -> dict:
         "model_sha256": weights.sha256,
         "orientation_model_sha256": weights.orientation.sha256 if weights.orientation else None,
         "fix_orientation": cfg.segment.fix_orientation,
+        "mirror_view": cfg.segment.mirror_view,
     }
 
 

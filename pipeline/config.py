@@ -27,6 +27,7 @@ class SegmentConfig:
     weights: str | None = None  # path to a weights file; None = the model shipped in the package
     orientation_weights: str | None = None  # path to an orientation classifier file; None = the packaged one
     fix_orientation: bool = False  # turn an image found rotated or mirrored upright before segmenting
+    mirror_view: bool = True  # also segment the mirror image, a signal of quality_score (twice the model's cost on a CPU)
     gpus_per_actor: float | None = None  # GPUs per segmenter actor; None = 1 if the cluster has GPUs now;
     #                                      0 = no segmenter pool: every CPU worker runs the model itself
     actors: int | None = None  # size of the GPU segmenter pool; None = one per GPU / gpus_per_actor

@@ -41,7 +41,7 @@ from pipeline.contact_sheet import make_contact_sheet
 from pipeline.discover import SourceFile, discover, is_uri, spell
 from pipeline.privacy import hashed_path
 from pipeline.process import ProcessConfig, process
-from pipeline.quality import QualityModel
+from pipeline.quality import quality_model
 from pipeline.schema import SOURCE_SCHEMA, result_schema
 from pipeline.writer import OutputConfig, write_results
 
@@ -185,7 +185,8 @@ class ImageWorker:
 
 def segmenter_options(cfg: JobConfig) -> dict:
     """The segmenter's keyword arguments besides the weights (which travel through the object store)."""
-    return {"cpu_bf16": cfg.segment.cpu_bf16, "fix_orientation": cfg.segment.fix_orientation}
+    return {"cpu_bf16": cfg.segment.cpu_bf16, "fix_orientation": cfg.segment.fix_orientation,
+            "mirror_view": cfg.segment.mirror_view}
 
 
 def process_config(cfg: JobConfig, weights, layout: Layout) -> ProcessConfig:
@@ -195,7 +196,7 @@ def process_config(cfg: JobConfig, weights, layout: Layout) -> ProcessConfig:
     return ProcessConfig(variants=tuple(cfg.variants), model=weights.meta, model_sha256=weights.sha256, refine=refine,
                          read=cfg.read, decode=cfg.decode, variant=cfg.variant, pseudonym_key=cfg.pseudonym_key,
                          segment_batch=batch,
-                         quality=QualityModel.from_dict(weights.meta.quality) if weights.meta.quality else None)
+                         quality=quality_model(weights.meta.quality, mirror_view=cfg.segment.mirror_view))
 
 
 def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, options: dict, *, timeout_s: float) -> list:

@@ -41,9 +41,9 @@ from pipeline.variants import VariantConfig, make_variants
 
 log = logging.getLogger(__name__)
 
-# {"model_input"} -> {"orientation", "turned", "lung_prob", "lung_prob_flip"}: pipeline.segment.Segmenter's contract
+# {"model_input"} -> {"orientation", "turned", "lung_prob"[, "lung_prob_flip"]}: pipeline.segment.Segmenter's contract
 Segment = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-SEGMENT_OUTPUTS = ("orientation", "turned", "lung_prob", "lung_prob_flip")
+SEGMENT_OUTPUTS = ("orientation", "turned", "lung_prob")  # always; "lung_prob_flip" too with the mirror view
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Segmented:
     orientation: int  # how the image arrived, pipeline.orientation's k; 0 = upright
     turned: bool  # the model saw the image turned upright: the pixels must be turned the same way
     lung_prob: np.ndarray  # uint8 (S, S), round(p * 255)
-    lung_prob_flip: np.ndarray  # uint8 (S, S), the mirrored view's, mirrored back
+    lung_prob_flip: np.ndarray | None  # uint8 (S, S), the mirrored view's, mirrored back; None without that view
 
 
 def finish(image: Prepared, seg: Segmented, cfg: ProcessConfig, schema: pa.Schema) -> dict:
@@ -160,7 +160,8 @@ def process_chunk(sources: list[dict], segment: Segment, cfg: ProcessConfig, sch
         missing = [k for k in SEGMENT_OUTPUTS if k not in out]
         if missing:
             raise ValueError(f"the segmenter's answer lacks {missing}: expected {SEGMENT_OUTPUTS}, got {sorted(out)}")
-        said = [Segmented(int(k), bool(t), p, f) for k, t, p, f in zip(*(out[k] for k in SEGMENT_OUTPUTS))]
+        flips = out.get("lung_prob_flip", [None] * len(todo))
+        said = [Segmented(int(k), bool(t), p, f) for k, t, p, f in zip(*(out[k] for k in SEGMENT_OUTPUTS), flips)]
     done = iter(said)
     return [finish(p, next(done), cfg, schema) if isinstance(p, Prepared) else p for p in prepared]
 

@@ -4,7 +4,9 @@
     quality_score(features, model) -> float in [0, 1]
 
 The signals are what the job has anyway, at the model's resolution (S x S), plus a second view on the
-same inference (the segmenter also runs the image mirrored left-right and mirrors the answer back):
+same inference (the segmenter also runs the image mirrored left-right and mirrors the answer back;
+`--no-mirror-view` skips it, which saves half of the model's cost on a CPU, and the score then comes
+from the other six signals with constants fitted without it: `VIEWS`):
 
     flip_dice        Dice of the mask with the mirrored view's: a model that is sure of the lungs
                      finds them the same way in both; on noise, blur or an odd field of view they differ
@@ -16,7 +18,7 @@ same inference (the segmenter also runs the image mirrored left-right and mirror
     solidity         mask area / area of the components' convex hulls (lungs are nearly convex)
     two_lungs        1 when the refined mask has exactly two components
 
-`quality_score` is a logistic function of these (each through a fixed transform, then standardized):
+`quality_score` is a logistic function of the signals its constants name (each through a fixed transform, then standardized):
 the Dice predicted = sigmoid(b + w . z). The constants are fitted on COVID-QU-Ex Train (the clean images
 and deliberately degraded copies; `pipeline.degrade`) and the threshold of `QC_LOW_QUALITY` is tuned
 on Val, by scripts/fit_quality.py, and shipped in the lung model's metadata (`ModelMeta.quality`), so a
@@ -39,37 +41,49 @@ QC_LOW_QUALITY = "low_quality"  # quality_score below the model's threshold: the
 UNSURE_LOW, UNSURE_HIGH = 0.1, 0.9  # a probability strictly between these is "uncertain"
 FEATURES = ("flip_dice", "border_share", "confidence", "lung_fraction", "balance", "solidity", "two_lungs")
 N_FEATURES = len(FEATURES)
+MIRROR_VIEW, ONE_VIEW = "mirror", "one_view"  # keys of ModelMeta.quality: constants with and without flip_dice
+VIEWS = {MIRROR_VIEW: FEATURES, ONE_VIEW: FEATURES[1:]}
 EPS = 1e-3  # keeps the log transforms finite
 
 
 @dataclass(frozen=True)
 class QualityModel:
-    """The fitted constants: sigmoid(bias + weights . (transform(features) - mean) / scale)."""
+    """The fitted constants: sigmoid(bias + weights . (transform(features) - mean) / scale), over `features`."""
 
-    mean: tuple[float, ...]  # per transformed feature
-    scale: tuple[float, ...]  # per transformed feature, > 0
-    weights: tuple[float, ...]  # per transformed feature
+    mean: tuple[float, ...]  # per feature used
+    scale: tuple[float, ...]  # per feature used, > 0
+    weights: tuple[float, ...]  # per feature used
     bias: float
     threshold: float  # quality_score below this -> QC_LOW_QUALITY
     fitted: dict  # how they were fitted: data, command, sizes, validation figures
+    features: tuple[str, ...] = FEATURES  # which of FEATURES, in that order
 
     def __post_init__(self) -> None:
-        if not (len(self.mean) == len(self.scale) == len(self.weights) == N_FEATURES):
-            raise ValueError(f"expected {N_FEATURES} constants per feature {FEATURES}, got "
+        if not set(self.features) <= set(FEATURES) or list(self.features) != [f for f in FEATURES if f in self.features]:
+            raise ValueError(f"expected features from {FEATURES} in that order, got {self.features}")
+        if not (len(self.mean) == len(self.scale) == len(self.weights) == len(self.features)):
+            raise ValueError(f"expected {len(self.features)} constants per feature {self.features}, got "
                              f"{len(self.mean)}, {len(self.scale)}, {len(self.weights)}")
         if min(self.scale) <= 0 or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"expected scales > 0 and a threshold in [0, 1], got {self.scale} and {self.threshold}")
 
     def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "mean": list(self.mean), "scale": list(self.scale),
+        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
                 "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold, "fitted": self.fitted}
 
     @classmethod
     def from_dict(cls, d: dict) -> QualityModel:
-        if list(d.get("features", [])) != list(FEATURES):
+        if not set(d.get("features", [])) <= set(FEATURES):
             raise ValueError(f"quality constants are for features {d.get('features')}, this version computes {list(FEATURES)}")
-        return cls(mean=tuple(d["mean"]), scale=tuple(d["scale"]), weights=tuple(d["weights"]),
-                   bias=float(d["bias"]), threshold=float(d["threshold"]), fitted=dict(d.get("fitted", {})))
+        return cls(mean=tuple(d["mean"]), scale=tuple(d["scale"]), weights=tuple(d["weights"]), bias=float(d["bias"]),
+                   threshold=float(d["threshold"]), fitted=dict(d.get("fitted", {})), features=tuple(d["features"]))
+
+
+def quality_model(meta_quality: dict, *, mirror_view: bool) -> QualityModel | None:
+    """The constants for the job's views from a model's `ModelMeta.quality` ({MIRROR_VIEW: ..., ONE_VIEW: ...});
+    None when the model has none."""
+    view = MIRROR_VIEW if mirror_view else ONE_VIEW
+    return QualityModel.from_dict(meta_quality[view]) if view in meta_quality else None
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,19 +98,20 @@ def _solidity(mask: np.ndarray) -> float:
     return 0.0 if hull <= 0 else min(1.0, float(np.count_nonzero(mask)) / hull)
 
 
-def quality_features(lung_prob: np.ndarray, lung_prob_flip: np.ndarray, stats: MaskStats, threshold: float
+def quality_features(lung_prob: np.ndarray, lung_prob_flip: np.ndarray | None, stats: MaskStats, threshold: float
                      ) -> np.ndarray:
-    """uint8 (S, S) probability of the image and of its mirrored view (mirrored back), the refined mask's
-    stats, the model's threshold -> float32 (N_FEATURES,) in the order of FEATURES."""
-    if lung_prob.shape != lung_prob_flip.shape or lung_prob.ndim != 2:
-        raise ValueError(f"expected two probability maps of one (S, S) shape, got {lung_prob.shape} and {lung_prob_flip.shape}")
+    """uint8 (S, S) probability of the image and of its mirrored view (mirrored back; None without that view:
+    flip_dice is NaN), the refined mask's stats, the model's threshold -> float32 (N_FEATURES,) in FEATURES order."""
+    if lung_prob.ndim != 2 or (lung_prob_flip is not None and lung_prob.shape != lung_prob_flip.shape):
+        got = None if lung_prob_flip is None else lung_prob_flip.shape
+        raise ValueError(f"expected two probability maps of one (S, S) shape, got {lung_prob.shape} and {got}")
     level = math.ceil(threshold * PROB_SCALE - 1e-9)
-    mask, mask_flip = lung_prob >= level, lung_prob_flip >= level
+    mask = lung_prob >= level
     n_lung = int(np.count_nonzero(mask))
     unsure = np.count_nonzero((lung_prob > UNSURE_LOW * PROB_SCALE) & (lung_prob < UNSURE_HIGH * PROB_SCALE))
     sides = sorted((stats.right_lung_fraction, stats.left_lung_fraction))
     return np.array([
-        _dice(mask, mask_flip),
+        np.nan if lung_prob_flip is None else _dice(mask, lung_prob_flip >= level),
         unsure / max(n_lung, 1),
         float(lung_prob[mask].mean()) / PROB_SCALE if n_lung else 0.0,
         stats.lung_fraction,
@@ -122,8 +137,10 @@ def transform_features(features: np.ndarray) -> np.ndarray:
 
 
 def quality_score(features: np.ndarray, model: QualityModel) -> float | np.ndarray:
-    """float (N_FEATURES,) or (N, N_FEATURES) -> the predicted Dice in [0, 1] (a float, or float64 (N,))."""
-    z = (transform_features(features) - np.asarray(model.mean)) / np.asarray(model.scale)
+    """float (N_FEATURES,) or (N, N_FEATURES) -> the predicted Dice in [0, 1] (a float, or float64 (N,)), from
+    the features the model names."""
+    used = [FEATURES.index(f) for f in model.features]
+    z = (transform_features(features)[..., used] - np.asarray(model.mean)) / np.asarray(model.scale)
     logit = model.bias + z @ np.asarray(model.weights)
     score = 1.0 / (1.0 + np.exp(-np.clip(logit, -50.0, 50.0)))
     return float(score) if np.ndim(score) == 0 else score

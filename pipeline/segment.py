@@ -65,7 +65,7 @@ class Segmenter:
 
     def __init__(self, weights: Weights | str | None = None, *, device: str | None = None,
                  cpu_threads: int | None = None, cpu_bf16: bool | None = None,
-                 orientation: Weights | str | None = None, fix_orientation: bool = False):
+                 orientation: Weights | str | None = None, fix_orientation: bool = False, mirror_view: bool = True):
         self.device = pick_device(device)
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -78,6 +78,7 @@ class Segmenter:
             raise ValueError(f"the orientation model expects {self.orientation.meta.input_size} px inputs, "
                              f"the lung model {self.size} px")
         self.fix_orientation = fix_orientation
+        self.mirror_view = mirror_view
         if cpu_bf16 is None:
             cpu_bf16 = cpu_has_native_bf16()
         self.channels_last = cpu_bf16 and self.device.type == "cpu"
@@ -103,7 +104,7 @@ class Segmenter:
         input was turned upright before segmenting (fix_orientation and orientation != 0), so the
         probabilities are in the upright frame; lung_prob: uint8 round(p * 255); lung_prob_flip: the same
         for the input mirrored left-right, mirrored back, the second view `pipeline.quality` compares with
-        the first. Both views run in one model call.
+        the first (left out with mirror_view=False). Both views run in one model call.
         """
         inputs = batch["model_input"]
         if inputs.ndim != 3 or inputs.dtype != np.uint8 or inputs.shape[1:] != (self.size, self.size):
@@ -113,9 +114,12 @@ class Segmenter:
         turned = (orientation != UPRIGHT) & self.fix_orientation
         if turned.any():
             inputs = np.stack([undo(x, k) if t else x for x, k, t in zip(inputs, orientation, turned)])
+        views = [inputs, inputs[:, :, ::-1]] if self.mirror_view else [inputs]
         if n == 0:
             probs = np.zeros((0, self.size, self.size), np.uint8)
         else:
-            probs = probability_to_u8(self.predict(np.concatenate([inputs, inputs[:, :, ::-1]])))
-        return {"orientation": orientation, "turned": turned, "lung_prob": probs[:n],
-                "lung_prob_flip": np.ascontiguousarray(probs[n:, :, ::-1])}
+            probs = probability_to_u8(self.predict(np.concatenate(views)))
+        out = {"orientation": orientation, "turned": turned, "lung_prob": probs[:n]}
+        if self.mirror_view:
+            out["lung_prob_flip"] = np.ascontiguousarray(probs[n:, :, ::-1])
+        return out

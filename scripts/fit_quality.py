@@ -13,14 +13,18 @@ from a seeded generator):
     measured   COVID-QU-Ex Val clean; JSRT; Shenzhen; JSRT + Shenzhen degraded, every kind at 3 strengths,
                "contrast" among them though it is never used for fitting or tuning (HELD_OUT_KIND)
 
-Prints a JSON report (Spearman of score vs Dice; of the images with Dice < 0.90 the share flagged;
-of those with Dice >= 0.95 the share flagged) and, with --write, stores the constants in the weights
-file's metadata (`ModelMeta.quality`), which changes its sha256.
+Fits one set of constants per view (`pipeline.quality.VIEWS`: with the mirror image's agreement, and
+without it for --no-mirror-view). Prints a JSON report per view (Spearman of score vs Dice; of the
+images with Dice < 0.90 the share flagged; of those with Dice >= 0.95 the share flagged) and, with
+--write, stores the constants in the weights file's metadata (`ModelMeta.quality`), which changes its
+sha256 (not its tensors: the cached features are keyed by those).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import logging
 import time
@@ -36,6 +40,7 @@ from pipeline.model import DEFAULT_WEIGHTS, read_weights, update_meta
 from pipeline.model_input import prepare_input
 from pipeline.quality import (
     FEATURES,
+    VIEWS,
     QualityModel,
     quality_features,
     quality_score,
@@ -95,9 +100,9 @@ def measure(seg: Segmenter, cases: list, refine_cfg: RefineConfig, seed: int) ->
     return {"features": np.array(feats, np.float32), "dice": np.array(dices), "kind": np.array(kinds)}
 
 
-def fit(features: np.ndarray, dices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Ridge least squares of logit(Dice) on standardized transformed features -> (mean, scale, weights, bias)."""
-    t = transform_features(features)
+def fit(features: np.ndarray, dices: np.ndarray, used: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Ridge least squares of logit(Dice) on the standardized transformed `used` features -> (mean, scale, weights, bias)."""
+    t = transform_features(features)[:, [FEATURES.index(f) for f in used]]
     mean, scale = t.mean(0), t.std(0)
     scale[scale < 1e-9] = 1.0
     z = (t - mean) / scale
@@ -108,6 +113,16 @@ def fit(features: np.ndarray, dices: np.ndarray) -> tuple[np.ndarray, np.ndarray
     penalty[-1, -1] = 0.0
     coef = np.linalg.solve(a.T @ a + penalty, a.T @ y)
     return mean, scale, coef[:-1], float(coef[-1])
+
+
+def tensors_sha(weights) -> str:
+    """sha256 of the model's tensors (what the features depend on; the file's sha also covers the metadata)."""
+    state = torch.load(io.BytesIO(weights.data), map_location="cpu", weights_only=True)["state_dict"]
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()
 
 
 def flag_rates(scores: np.ndarray, dices: np.ndarray, threshold: float) -> dict:
@@ -150,42 +165,45 @@ def main(argv: list[str] | None = None) -> int:
     }
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    measured = {}
+    measured, key = {}, tensors_sha(weights)[:12]
     for name, (pairs, mode) in sets.items():
-        path = cache / f"{name}_{weights.sha256[:12]}.npz"
+        path = cache / f"{name}_{key}.npz"
         if not path.exists():
             m = measure(seg, _cases(pairs, mode, rng), refine_cfg, seed=SEED + len(name))
             np.savez(path, **m)
         measured[name] = dict(np.load(path))
 
-    fit_set = measured["fit"]
-    mean, scale, w, b = fit(fit_set["features"], fit_set["dice"])
-    provisional = QualityModel(tuple(mean), tuple(scale), tuple(w), b, threshold=0.0, fitted={})
-    tune = measured["tune"]
-    threshold = tune_threshold(quality_score(tune["features"], provisional), tune["dice"])
-
-    def report(m: dict, select: np.ndarray) -> dict:
-        return flag_rates(quality_score(m["features"][select], provisional), m["dice"][select], threshold)
-
+    fit_set, tune = measured["fit"], measured["tune"]
     external_degraded = {k: np.concatenate([measured["jsrt"][k], measured["shenzhen"][k]]) for k in ("features", "dice", "kind")}
-    results = {
-        "covid_qu_ex_val_clean": report(tune, tune["kind"] == "clean"),
-        "covid_qu_ex_val_clean_and_degraded": report(tune, np.ones(len(tune["dice"]), bool)),
-        "jsrt_clean": report(measured["jsrt"], measured["jsrt"]["kind"] == "clean"),
-        "shenzhen_clean": report(measured["shenzhen"], measured["shenzhen"]["kind"] == "clean"),
-        "external_degraded": report(external_degraded, external_degraded["kind"] != "clean"),
-        f"external_degraded_{HELD_OUT_KIND}_only": report(external_degraded, external_degraded["kind"] == HELD_OUT_KIND),
-    }
-    fitted = {"data": "COVID-QU-Ex Train (clean + one degraded copy each), threshold tuned on Val (clean + one degraded copy)",
-              "kinds": list(FIT_KINDS), "held_out_kind": HELD_OUT_KIND, "n_fit": len(fit_set["dice"]),
-              "n_tune": len(tune["dice"]), "seed": SEED, "ridge": RIDGE, "max_false_flags_tune": MAX_FALSE_FLAGS,
-              "command": "PYTHONPATH=. .venv/bin/python scripts/fit_quality.py --write pipeline/weights/lung_unet.pt",
-              "measured": results}
-    model = QualityModel(tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, w)), b, threshold, fitted)
-    print(json.dumps({"features": list(FEATURES), "weights": [round(float(x), 4) for x in w], "bias": round(b, 4),
-                      "threshold": round(threshold, 4), "results": results}, indent=1))
+    models, report_all = {}, {}
+    for view, used in VIEWS.items():
+        mean, scale, w, b = fit(fit_set["features"], fit_set["dice"], used)
+        provisional = QualityModel(tuple(mean), tuple(scale), tuple(w), b, threshold=0.0, fitted={}, features=used)
+        threshold = tune_threshold(quality_score(tune["features"], provisional), tune["dice"])
+
+        def report(m: dict, select: np.ndarray) -> dict:
+            return flag_rates(quality_score(m["features"][select], provisional), m["dice"][select], threshold)  # noqa: B023
+
+        results = {
+            "covid_qu_ex_val_clean": report(tune, tune["kind"] == "clean"),
+            "covid_qu_ex_val_clean_and_degraded": report(tune, np.ones(len(tune["dice"]), bool)),
+            "jsrt_clean": report(measured["jsrt"], measured["jsrt"]["kind"] == "clean"),
+            "shenzhen_clean": report(measured["shenzhen"], measured["shenzhen"]["kind"] == "clean"),
+            "external_degraded": report(external_degraded, external_degraded["kind"] != "clean"),
+            f"external_degraded_{HELD_OUT_KIND}_only": report(external_degraded, external_degraded["kind"] == HELD_OUT_KIND),
+        }
+        fitted = {"data": "COVID-QU-Ex Train (clean + one degraded copy each), threshold tuned on Val (clean + one degraded copy)",
+                  "kinds": list(FIT_KINDS), "held_out_kind": HELD_OUT_KIND, "n_fit": len(fit_set["dice"]),
+                  "n_tune": len(tune["dice"]), "seed": SEED, "ridge": RIDGE, "max_false_flags_tune": MAX_FALSE_FLAGS,
+                  "command": "PYTHONPATH=. .venv/bin/python scripts/fit_quality.py --write pipeline/weights/lung_unet.pt",
+                  "measured": results}
+        models[view] = QualityModel(tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, w)), b,
+                                    threshold, fitted, features=used)
+        report_all[view] = {"features": list(used), "weights": [round(float(x), 4) for x in w], "bias": round(b, 4),
+                            "threshold": round(threshold, 4), "results": results}
+    print(json.dumps(report_all, indent=1))
     if args.write:
-        update_meta(args.write, quality=model.to_dict())
+        update_meta(args.write, quality={view: m.to_dict() for view, m in models.items()})
         log.info("wrote the quality constants into %s (sha256 now %s)", args.write, read_weights(args.write).sha256)
     return 0
 

@@ -14,9 +14,13 @@ from pipeline.model_input import prepare_input
 from pipeline.qc import FLAGS, row_qc
 from pipeline.quality import (
     FEATURES,
+    MIRROR_VIEW,
+    ONE_VIEW,
     QC_LOW_QUALITY,
+    VIEWS,
     QualityModel,
     quality_features,
+    quality_model,
     quality_score,
 )
 from pipeline.refine import MaskStats, RefineConfig, refine
@@ -95,11 +99,29 @@ def test_score_rises_with_agreement_and_round_trips_through_the_metadata():
 
 def test_constants_for_other_features_are_refused():
     d = toy_model().to_dict()
-    d["features"] = ["flip_dice"]
+    d["features"] = ["flip_dice", "heart_size"]
     with pytest.raises(ValueError, match="features"):
         QualityModel.from_dict(d)
     with pytest.raises(ValueError, match="constants per feature"):
         QualityModel(mean=(0.0,), scale=(1.0,), weights=(1.0,), bias=0.0, threshold=0.5, fitted={})
+    with pytest.raises(ValueError, match="in that order"):
+        QualityModel(mean=(0.0,) * 2, scale=(1.0,) * 2, weights=(1.0,) * 2, bias=0.0, threshold=0.5, fitted={},
+                     features=("confidence", "flip_dice"))
+
+
+def test_a_one_view_score_does_without_the_mirror_image():
+    """Without the mirrored view flip_dice is NaN, and constants fitted without it score all the same."""
+    f = quality_features(two_lungs(), None, stats_of(two_lungs()), 0.5)
+    assert np.isnan(f[0]) and not np.isnan(f[1:]).any()
+    used = VIEWS[ONE_VIEW]
+    one = QualityModel(mean=(0.0,) * len(used), scale=(1.0,) * len(used), weights=(0.0, -1.0, 0, 0, 0, 0),
+                       bias=0.0, threshold=0.5, fitted={}, features=used)
+    assert 0.0 <= quality_score(f, one) <= 1.0
+    assert np.isnan(quality_score(f, toy_model()))  # constants that need the mirror image cannot score it
+    meta_quality = {MIRROR_VIEW: toy_model().to_dict(), ONE_VIEW: one.to_dict()}
+    assert quality_model(meta_quality, mirror_view=False) == one
+    assert quality_model(meta_quality, mirror_view=True) == toy_model()
+    assert quality_model({}, mirror_view=True) is None
 
 
 def test_spearman():
@@ -168,12 +190,13 @@ def test_degrade_moves_the_mask_with_the_image_and_leaves_it_for_intensity_damag
 # --- the shipped constants on real images --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shipped():
+@pytest.fixture(scope="module", params=[True, False], ids=["mirror view", "one view"])
+def shipped(request):
     weights = read_weights()
-    if not weights.meta.quality:
+    model = quality_model(weights.meta.quality, mirror_view=request.param)
+    if model is None:
         pytest.fail("the shipped lung model carries no quality constants (scripts/fit_quality.py --write)")
-    return Segmenter(weights, device="cpu", cpu_threads=2), QualityModel.from_dict(weights.meta.quality)
+    return Segmenter(weights, device="cpu", cpu_threads=2, mirror_view=request.param), model
 
 
 def labelled_samples():
@@ -186,8 +209,9 @@ def scored(seg: Segmenter, model: QualityModel, cases: list[tuple[np.ndarray, np
     """(quality_score, true Dice) per (pixels, truth) case, through the job's steps."""
     cfg = RefineConfig(threshold=seg.meta.threshold)
     out = seg({"model_input": np.stack([prepare_input(p, seg.meta) for p, _ in cases])})
+    flips = out.get("lung_prob_flip", [None] * len(cases))
     result = []
-    for (pixels, truth), prob, flip in zip(cases, out["lung_prob"], out["lung_prob_flip"]):
+    for (pixels, truth), prob, flip in zip(cases, out["lung_prob"], flips):
         mask, stats = refine(prob, pixels.shape, cfg)
         result.append((quality_score(quality_features(prob, flip, stats, cfg.threshold), model), dice(mask, truth)))
     return result
@@ -209,3 +233,17 @@ def test_the_shipped_score_trusts_good_masks_and_flags_ruined_ones(shipped):
     assert len(bad) >= 6, "the damage did not ruin enough masks to test anything"
     assert np.mean([q < model.threshold for q, _ in bad]) >= 0.8, bad
     assert np.mean([q for q, _ in good]) > np.mean([q for q, _ in bad])
+
+
+def test_a_worker_without_the_mirror_view_still_scores_every_image(shipped):
+    """process_chunk with a one-view segmenter and the one-view constants, as --no-mirror-view runs it."""
+    from pipeline.process import ProcessConfig, process_chunk
+    from pipeline.schema import result_schema
+
+    seg, model = shipped
+    cfg = ProcessConfig(variants=("masked",), model=seg.meta, model_sha256="x",
+                        refine=RefineConfig(threshold=seg.meta.threshold), quality=model)
+    sources = [{"source_path": p.name, "location": str(p).encode()} for p, _ in labelled_samples()]
+    rows = process_chunk(sources, seg, cfg, result_schema(cfg.variants))
+    assert all(r["error_stage"] is None for r in rows), rows
+    assert all(model.threshold <= r["quality_score"] <= 1.0 and r["qc_pass"] for r in rows)

@@ -55,6 +55,9 @@ def test_segmenter_batch_contract(segmenter):
     assert out["orientation"].shape == out["turned"].shape == (3,) and not out["turned"].any()
     np.testing.assert_array_equal(out["lung_prob"], probability_to_u8(segmenter.predict(x)))
     np.testing.assert_array_equal(out["lung_prob_flip"], probability_to_u8(segmenter.predict(x[:, :, ::-1].copy()))[:, :, ::-1])
+    one_view = Segmenter(device="cpu", cpu_threads=2, cpu_bf16=False, mirror_view=False)({"model_input": x})
+    assert set(one_view) == {"orientation", "turned", "lung_prob"}
+    np.testing.assert_array_equal(one_view["lung_prob"], out["lung_prob"])
     empty = segmenter({"model_input": x[:0]})
     assert empty["lung_prob"].shape == empty["lung_prob_flip"].shape == (0, s, s) and empty["orientation"].shape == (0,)
     with pytest.raises(ValueError, match="model_input uint8"):

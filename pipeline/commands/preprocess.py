@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--fix-orientation", action="store_true",
                    help="turn an image that the orientation check finds rotated or mirrored upright before segmenting "
                         "(it is flagged either way; without this option it also fails QC)")
+    p.add_argument("--no-mirror-view", dest="mirror_view", action="store_false",
+                   help="do not also segment the mirror image: half the model's cost on a CPU; quality_score then "
+                        "comes from the other signals (see the model card for how well it ranks masks either way)")
     p.add_argument("--orientation-model", default=None,
                    help="orientation classifier file (default: the one shipped in the package)")
     p.add_argument("--segment-cpu-precision", choices=tuple(CPU_PRECISIONS), default="auto",
@@ -104,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         decode=DecodeConfig(max_pixels=args.max_pixels),
         workers=args.workers,
         segment=SegmentConfig(weights=args.model, orientation_weights=args.orientation_model,
-                              fix_orientation=args.fix_orientation, gpus_per_actor=args.segment_gpus,
+                              fix_orientation=args.fix_orientation, mirror_view=args.mirror_view,
+                              gpus_per_actor=args.segment_gpus,
                               actors=args.segment_actors, batch_size=args.segment_batch,
                               start_timeout_s=args.segment_start_timeout,
                               cpu_bf16=CPU_PRECISIONS[args.segment_cpu_precision]),
