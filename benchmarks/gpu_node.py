@@ -43,9 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import bench_pipeline as bench  # the sibling benchmark modules (this script's folder is on sys.path)
-import cv2
 import numpy as np
-from inputs import NOISE_U16, SIDE_JITTER, sample_pixels
+from inputs import as_u16, sample_pixels, write_xray
 
 from pipeline.config import POOL_BATCH, SegmentConfig
 from pipeline.decode import decode_image
@@ -69,20 +68,14 @@ GPU_REPEATS = 5  # best of, for the segmenter call on the GPU
 @functools.cache
 def _bases() -> list[np.ndarray]:
     """The bundled samples as float32 on the uint16 scale, decoded once per process."""
-    return [p.astype(np.float32) * (257.0 if p.dtype == np.uint8 else 1.0) for p in sample_pixels()]
+    return [as_u16(p) for p in sample_pixels()]
 
 
 def _make_one(args: tuple[int, int, str, int]) -> str:
-    """One 16-bit PNG of about `side` px: sample i % len(samples), resized, with noise (inputs.xray_mix's recipe)."""
+    """One 16-bit PNG of about `side` px from sample i % len(samples) (`inputs.write_xray`), its own random stream."""
     i, side, root, seed = args
-    rng = np.random.default_rng((seed, i))
-    base = _bases()[i % len(_bases())]
-    h, w = (int(side * rng.uniform(*SIDE_JITTER)) for _ in range(2))
-    img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)
-    img += rng.normal(0, NOISE_U16, img.shape).astype(np.float32)
     path = Path(root) / f"{side // 1000}k_{i:05d}.png"
-    cv2.imwrite(str(path), np.clip(img, 0, 65535).astype(np.uint16))
-    return str(path)
+    return str(write_xray(path, _bases()[i % len(_bases())], side, np.random.default_rng((seed, i))))
 
 
 def make_inputs(root: Path, n: int, *, seed: int = 0) -> dict:

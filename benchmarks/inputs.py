@@ -26,31 +26,36 @@ def sample_pixels() -> list[np.ndarray]:
     return [decode_image(p.read_bytes(), source=p.name).pixels for p in sorted(SAMPLES.iterdir())]
 
 
-def _as_u16(img: np.ndarray) -> np.ndarray:
+def as_u16(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32) * (257.0 if img.dtype == np.uint8 else 1.0)
 
 
 def xray_mix(root: Path, n_1k: int, n_2k: int, *, seed: int = 0) -> list[Path]:
     """n_1k images of about 1024 px and n_2k of about 2048 px a side, 16-bit gray PNG, named 1k_NNNN / 2k_NNNN."""
     rng = np.random.default_rng(seed)
-    bases = [_as_u16(p) for p in sample_pixels()]
+    bases = [as_u16(p) for p in sample_pixels()]
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n_1k + n_2k):
         side, tag = (1024, "1k") if i < n_1k else (2048, "2k")
-        h, w = (int(side * rng.uniform(*SIDE_JITTER)) for _ in range(2))
-        img = cv2.resize(bases[i % len(bases)], (w, h), interpolation=cv2.INTER_CUBIC)
-        img += rng.normal(0, NOISE_U16, img.shape).astype(np.float32)
-        path = root / f"{tag}_{i:05d}.png"
-        cv2.imwrite(str(path), np.clip(img, 0, 65535).astype(np.uint16))
-        paths.append(path)
+        paths.append(write_xray(root / f"{tag}_{i:05d}.png", bases[i % len(bases)], side, rng))
     return paths
+
+
+def write_xray(path: Path, base: np.ndarray, side: int, rng: np.random.Generator) -> Path:
+    """`base` (float32 on the uint16 scale) resized to about `side` px a side (SIDE_JITTER), with noise, as a
+    16-bit gray PNG at `path`."""
+    h, w = (int(side * rng.uniform(*SIDE_JITTER)) for _ in range(2))
+    img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)
+    img += rng.normal(0, NOISE_U16, img.shape).astype(np.float32)
+    cv2.imwrite(str(path), np.clip(img, 0, 65535).astype(np.uint16))
+    return path
 
 
 def small_xrays(root: Path, n: int, *, seed: int = 0) -> list[Path]:
     """n 8-bit gray PNGs of SMALL_SIDE px: the samples resized, each with its own noise (distinct sha256)."""
     rng = np.random.default_rng(seed)
-    bases = [cv2.resize((_as_u16(p) / 257).astype(np.uint8), (SMALL_SIDE, SMALL_SIDE), interpolation=cv2.INTER_AREA)
+    bases = [cv2.resize((as_u16(p) / 257).astype(np.uint8), (SMALL_SIDE, SMALL_SIDE), interpolation=cv2.INTER_AREA)
              for p in sample_pixels()]
     root.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -14,6 +14,7 @@ What the model expects as input is in the torch-free `pipeline.model_input`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -45,6 +46,16 @@ class Weights:
 
     def __repr__(self) -> str:
         return f"Weights({self.meta.name if self.meta else '?'}, sha256={self.sha256[:12]}..., from {self.source})"
+
+
+def read_file(path: str | Path | None, *, default: Path, what: str) -> Weights:
+    """A model file's bytes and sha256, unchecked (meta None); `default` when path is None.
+    FileNotFoundError names `what` ("lung model") when the file is missing."""
+    path = Path(path) if path is not None else default
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights not found at {path}")
+    data = path.read_bytes()
+    return Weights(data=data, sha256=hashlib.sha256(data).hexdigest(), meta=None, source=str(path))
 
 
 def fp16_state(model: torch.nn.Module) -> dict:
@@ -113,15 +124,10 @@ def read_weights(path: str | Path | None = None, *, orientation: str | Path | No
     """
     from pipeline.orient_net import read_orientation_weights  # imports this module
 
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"lung model weights not found at {path}")
-    data = path.read_bytes()
-    weights = Weights(data=data, sha256=hashlib.sha256(data).hexdigest(), meta=None, source=str(path))
+    weights = read_file(path, default=DEFAULT_WEIGHTS, what="lung model")
     model, meta = load_model(weights)  # validates the architecture now, in the driver, not in every actor
     del model
-    return Weights(data=data, sha256=weights.sha256, meta=meta, source=str(path),
-                   orientation=read_orientation_weights(orientation))
+    return dataclasses.replace(weights, meta=meta, orientation=read_orientation_weights(orientation))
 
 
 def load_model(weights: Weights | str | Path | None = None, *, device: str | torch.device = "cpu"
@@ -131,11 +137,7 @@ def load_model(weights: Weights | str | Path | None = None, *, device: str | tor
     Raises FileNotFoundError if the file is missing, ValueError if it is not a valid lung model file.
     """
     if not isinstance(weights, Weights):
-        path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-        if not path.is_file():
-            raise FileNotFoundError(f"lung model weights not found at {path}")
-        data = path.read_bytes()
-        weights = Weights(data=data, sha256=hashlib.sha256(data).hexdigest(), meta=None, source=str(path))
+        weights = read_file(weights, default=DEFAULT_WEIGHTS, what="lung model")
     payload = _payload(weights.data, weights.source)
     meta = ModelMeta.from_dict(payload["meta"])
     try:

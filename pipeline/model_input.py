@@ -39,11 +39,17 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelMeta:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = {"name", "input_size", "normalization", "threshold"} - set(d)
-        if missing:
-            raise ValueError(f"model meta lacks fields {sorted(missing)}; got keys {sorted(d)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d, required=("name", "input_size", "normalization", "threshold"), what="model meta"))
+
+
+def known_fields(cls: type, d: dict, *, required: tuple[str, ...], what: str) -> dict:
+    """The items of `d` that are fields of dataclass `cls` (newer files may carry more); ValueError naming
+    `what` when one of `required` is missing."""
+    missing = set(required) - set(d)
+    if missing:
+        raise ValueError(f"{what} lacks fields {sorted(missing)}; got keys {sorted(d)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 def prepare_input(pixels: np.ndarray, meta: ModelMeta) -> np.ndarray:

@@ -21,7 +21,6 @@ A weights file is one `torch.save` dict that loads with `weights_only=True`, lik
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import Weights, check_payload, fp16_state, write_payload
+from pipeline.model import Weights, check_payload, fp16_state, read_file, write_payload
+from pipeline.model_input import known_fields
 from pipeline.orientation import N_ORIENTATIONS
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,7 @@ class OrientationMeta:
 
     @classmethod
     def from_dict(cls, d: dict) -> OrientationMeta:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = {"name", "input_size", "net_size", "threshold"} - set(d)
-        if missing:
-            raise ValueError(f"orientation meta lacks fields {sorted(missing)}; got keys {sorted(d)}")
-        kept = {k: v for k, v in d.items() if k in names}
+        kept = known_fields(cls, d, required=("name", "input_size", "net_size", "threshold"), what="orientation meta")
         if "widths" in kept:
             kept["widths"] = tuple(int(w) for w in kept["widths"])
         meta = cls(**kept)
@@ -145,13 +141,9 @@ def read_orientation_weights(path: str | Path | None = None) -> Weights:
     Returns a `pipeline.model.Weights` whose `meta` is an `OrientationMeta`.
     Raises FileNotFoundError if the file is missing, ValueError if it is not a valid orientation model file.
     """
-    path = Path(path) if path is not None else DEFAULT_ORIENTATION_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"orientation model weights not found at {path}")
-    data = path.read_bytes()
-    weights = Weights(data=data, sha256=hashlib.sha256(data).hexdigest(), meta=None, source=str(path))
+    weights = read_file(path, default=DEFAULT_ORIENTATION_WEIGHTS, what="orientation model")
     _, meta = load_orientation_model(weights)  # validates the architecture now, in the driver
-    return Weights(data=data, sha256=weights.sha256, meta=meta, source=str(path))
+    return dataclasses.replace(weights, meta=meta)
 
 
 class OrientationClassifier:

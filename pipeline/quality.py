@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.evaluate import dice
 from pipeline.model_input import PROB_SCALE
 from pipeline.refine import MaskStats
 
@@ -86,11 +87,6 @@ def quality_model(meta_quality: dict, *, mirror_view: bool) -> QualityModel | No
     return QualityModel.from_dict(meta_quality[view]) if view in meta_quality else None
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
 def _solidity(mask: np.ndarray) -> float:
     """Mask area / summed convex hull area of its outer contours; 0 for an empty mask."""
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -111,7 +107,7 @@ def quality_features(lung_prob: np.ndarray, lung_prob_flip: np.ndarray | None, s
     unsure = np.count_nonzero((lung_prob > UNSURE_LOW * PROB_SCALE) & (lung_prob < UNSURE_HIGH * PROB_SCALE))
     sides = sorted((stats.right_lung_fraction, stats.left_lung_fraction))
     return np.array([
-        np.nan if lung_prob_flip is None else _dice(mask, lung_prob_flip >= level),
+        np.nan if lung_prob_flip is None else dice(mask, lung_prob_flip >= level),
         unsure / max(n_lung, 1),
         float(lung_prob[mask].mean()) / PROB_SCALE if n_lung else 0.0,
         stats.lung_fraction,

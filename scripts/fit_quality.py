@@ -181,17 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         provisional = QualityModel(tuple(mean), tuple(scale), tuple(w), b, threshold=0.0, fitted={}, features=used)
         threshold = tune_threshold(quality_score(tune["features"], provisional), tune["dice"])
 
-        def report(m: dict, select: np.ndarray) -> dict:
-            return flag_rates(quality_score(m["features"][select], provisional), m["dice"][select], threshold)  # noqa: B023
-
-        results = {
-            "covid_qu_ex_val_clean": report(tune, tune["kind"] == "clean"),
-            "covid_qu_ex_val_clean_and_degraded": report(tune, np.ones(len(tune["dice"]), bool)),
-            "jsrt_clean": report(measured["jsrt"], measured["jsrt"]["kind"] == "clean"),
-            "shenzhen_clean": report(measured["shenzhen"], measured["shenzhen"]["kind"] == "clean"),
-            "external_degraded": report(external_degraded, external_degraded["kind"] != "clean"),
-            f"external_degraded_{HELD_OUT_KIND}_only": report(external_degraded, external_degraded["kind"] == HELD_OUT_KIND),
+        selections = {
+            "covid_qu_ex_val_clean": (tune, tune["kind"] == "clean"),
+            "covid_qu_ex_val_clean_and_degraded": (tune, np.ones(len(tune["dice"]), bool)),
+            "jsrt_clean": (measured["jsrt"], measured["jsrt"]["kind"] == "clean"),
+            "shenzhen_clean": (measured["shenzhen"], measured["shenzhen"]["kind"] == "clean"),
+            "external_degraded": (external_degraded, external_degraded["kind"] != "clean"),
+            f"external_degraded_{HELD_OUT_KIND}_only": (external_degraded, external_degraded["kind"] == HELD_OUT_KIND),
         }
+        results = {name: flag_rates(quality_score(m["features"][sel], provisional), m["dice"][sel], threshold)
+                   for name, (m, sel) in selections.items()}
         fitted = {"data": "COVID-QU-Ex Train (clean + one degraded copy each), threshold tuned on Val (clean + one degraded copy)",
                   "kinds": list(FIT_KINDS), "held_out_kind": HELD_OUT_KIND, "n_fit": len(fit_set["dice"]),
                   "n_tune": len(tune["dice"]), "seed": SEED, "ridge": RIDGE, "max_false_flags_tune": MAX_FALSE_FLAGS,
