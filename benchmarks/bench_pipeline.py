@@ -3,7 +3,8 @@
     python benchmarks/bench_pipeline.py [--n 480] [--cpus 2] [--small 20000] [--json out.json]
 
 1. Stage costs alone: every stage of one image's way timed on ONE core with ONE thread (the process is
-   pinned), on a 1k/2k mix of 16-bit PNGs made from the bundled samples. ideal = cpus / sum of the
+   pinned), on a 1k/2k mix of 16-bit PNGs made from the bundled samples, the last one the result rows'
+   Arrow table and its Parquet shard. ideal = cpus / sum of the
    stage costs; the free-model ideal leaves the model out (what a GPU node's CPUs can reach).
 2. Ray is started (num_cpus=--cpus) and Ray Data's own actors warmed up; that start-up is reported apart.
 3. The job (run_job, default options) on --n images of the mix: images/s and the ratio to the ideal.
@@ -31,25 +32,29 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 from inputs import invalid_files, small_xrays, xray_mix
 
 from pipeline.config import JobConfig, SegmentConfig
-from pipeline.dataset import run_job
+from pipeline.dataset import Layout, process_config, run_job
 from pipeline.decode import decode_image
 from pipeline.model import read_weights
 from pipeline.model_input import prepare_input, probability_to_u8
 from pipeline.png import encode_png
 from pipeline.privacy import header_columns
+from pipeline.process import process
 from pipeline.qc import row_qc
 from pipeline.quality import quality_features, quality_model, quality_score
 from pipeline.read import read_source
 from pipeline.refine import RefineConfig, refine
+from pipeline.schema import result_schema
 from pipeline.segment import Segmenter
 from pipeline.variants import DEFAULT_VARIANTS, VariantConfig, make_variants
+from pipeline.writer import write_results
 
-STAGES = ("read", "decode", "model input", "model", "refine", "variants", "png")
+STAGES = ("read", "decode", "model input", "model", "refine", "variants", "png", "rows + write")
 STAGE_SAMPLE_EVERY = 6  # every 6th image of the mix is timed stage by stage: both sizes, every sample image
 MEMORY_SAMPLE_S = 0.25  # seconds between memory samples
 
@@ -103,7 +108,26 @@ def stage_costs(paths: list[Path], weights, segment) -> dict[str, float]:
         t7 = time.perf_counter()
         for k, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
             t[k] += dt
+    t["rows + write"] = rows_and_write_s(paths, weights, segment)
     return {k: 1000 * v / len(paths) for k, v in t.items()}
+
+
+def rows_and_write_s(paths: list[Path], weights, segment) -> float:
+    """Seconds to turn `paths`' result rows (made first, by the job's own `process`, untimed) into the Arrow
+    table a worker emits and to write it as a Parquet shard (`write_results`, what a writer actor runs)."""
+    cfg = JobConfig(inputs=("-",), output=tempfile.mkdtemp(prefix="bench_write_"))
+    try:
+        layout = Layout(workers=1, segment_actors=0, segment_gpus=0)
+        sources = [{"source_path": p.name, "location": os.fsencode(p), "size": p.stat().st_size} for p in paths]
+        rows = [row for chunk in process(sources, segment, process_config(cfg, weights, layout)) for row in chunk]
+        for _ in range(2):  # the second time counts: the first pays for first-call costs, as in stage_costs
+            t0 = time.perf_counter()
+            table = pa.Table.from_pylist(rows, schema=result_schema(cfg.variants))
+            write_results(table, output=cfg.output, variants=tuple(cfg.variants), cfg=cfg.out)
+            elapsed = time.perf_counter() - t0
+        return elapsed
+    finally:
+        shutil.rmtree(cfg.output, ignore_errors=True)
 
 
 def segmenter_bytes_per_image(weights, paths: list[Path]) -> tuple[float, float]:

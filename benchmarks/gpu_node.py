@@ -22,8 +22,9 @@ Steps, all in this one process, each timed:
    afterwards the output is checked: `verify` and every input exactly once;
 4. the same inputs with a free segmenter (a constant answer) in the same pool layout: the ceiling of
    the CPU side on this node;
-5. the CPU cost per image of every stage on one core (`bench_pipeline.stage_costs`) and the segmenter
-   call on the GPU at the pool's batch: which one bounds the node;
+5. the CPU cost per image of every stage on one core (`bench_pipeline.stage_costs`), the same with
+   every core timing them at once (one process per core: shared caches, memory bandwidth and hyper-
+   threads included), and the segmenter call on the GPU at the pool's batch: which one bounds the node;
 6. $OUT/gpu_node.json (every figure) and $OUT/gpu_node.log.
 """
 
@@ -149,6 +150,38 @@ class UtilSampler(bench.Sampler):
                 "ray_gpus_free_min": min((s["ray_gpus_free"] for s in self.samples), default=None)}
 
 
+# --- stage costs with every core busy ----------------------------------------------------------
+
+
+def _threads_per_core() -> int | None:
+    """Hardware threads that share CPU 0's core (2 where the cores are hyper-threads), from sysfs."""
+    try:
+        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+    except OSError:
+        return None
+    return sum(int(b) - int(a) + 1 for a, b in (part.split("-") if "-" in part else (part, part) for part in siblings.split(",")))
+
+
+def _free_costs_on(core: int, sample: list[str]) -> dict[str, float]:
+    """The non-model stage costs (ms/image) in this process, pinned to `core`: the second of two passes."""
+    import cv2
+
+    os.sched_setaffinity(0, {core})
+    cv2.setNumThreads(1)
+    weights = read_weights()
+    paths = [Path(p) for p in sample]
+    bench.stage_costs(paths, weights, bench.FreeSegmenter(weights))  # the first pass: every process up and busy
+    return bench.stage_costs(paths, weights, bench.FreeSegmenter(weights))
+
+
+def loaded_stage_costs(sample: list[Path], cores: set[int]) -> dict[str, float]:
+    """The non-model stage costs with one process per core timing them at once (ms/image, the mean over
+    cores): what the job's stages cost when every core works, shared caches, memory and turbo included."""
+    with ProcessPoolExecutor(max_workers=len(cores)) as pool:
+        per_core = list(pool.map(_free_costs_on, sorted(cores), [[str(p) for p in sample]] * len(cores)))
+    return {k: float(np.mean([c[k] for c in per_core])) for k in per_core[0]}
+
+
 # --- the runs --------------------------------------------------------------------------------
 
 
@@ -211,7 +244,8 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_node_"))
     gpu = torch.cuda.is_available()
     cpus = len(os.sched_getaffinity(0))
-    res: dict = {"machine": {"cpus": cpus, "cpu_model": bench._cpu_model(), "gpu": torch.cuda.get_device_name(0) if gpu else None,
+    res: dict = {"machine": {"cpus": cpus, "threads_per_core": _threads_per_core(), "cpu_model": bench._cpu_model(),
+                             "gpu": torch.cuda.get_device_name(0) if gpu else None,
                              "python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__}}
     log.info("machine: %s", res["machine"])
 
@@ -245,6 +279,12 @@ def main() -> int:
     non_model = sum(v for k, v in free_costs.items() if k != "model")
     res["cpu_ms_per_image_without_model"] = round(non_model, 1)
     res["cpu_side_ideal_images_per_s"] = round(cpus * 1000 / non_model, 1)
+    loaded = loaded_stage_costs(sample, os.sched_getaffinity(0))
+    res["stages_ms_every_core_busy"] = {k: round(v, 2) for k, v in loaded.items()}
+    loaded_non_model = sum(v for k, v in loaded.items() if k != "model")
+    res["cpu_side_ideal_every_core_busy_images_per_s"] = round(cpus * 1000 / loaded_non_model, 1)
+    res["steady_over_cpu_side_ideal_every_core_busy"] = round(
+        (res["job"]["steady_images_per_s"] or 0) / res["cpu_side_ideal_every_core_busy_images_per_s"], 3)
     res["segmenter"] = gpu_segmenter_ms(weights, sample[:8], "cuda" if gpu else "cpu")
     gpu_rate = 1000 / res["segmenter"]["ms_per_image"]
     res["bound"] = "segmenter" if gpu_rate < res["cpu_side_ideal_images_per_s"] else "CPU stages"
@@ -259,6 +299,9 @@ def main() -> int:
         log.info("%s: %.1f images/s (%.1f s), steady %s, every input once: %s, utilisation %s", name, r["images_per_s"],
                  r["wall_s"], r["steady_images_per_s"], r["output"]["every_input_once"], r["utilisation"])
     log.info("job / free model = %.3f; job / CPU-side ideal = %.3f", res["job_over_free_model"], res["job_over_cpu_side_ideal"])
+    log.info("stages with every core busy (ms/image): %s; CPU-side ideal then %.1f images/s; steady job / that = %.3f",
+             res["stages_ms_every_core_busy"], res["cpu_side_ideal_every_core_busy_images_per_s"],
+             res["steady_over_cpu_side_ideal_every_core_busy"])
     shutil.rmtree(work, ignore_errors=True)
     return 0 if res["job"]["output"]["every_input_once"] and res["free_model"]["output"]["every_input_once"] else 1
 

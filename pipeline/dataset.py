@@ -227,35 +227,41 @@ def build_dataset(files: list[SourceFile], cfg: JobConfig, *, segmenter: type | 
 
     `segmenter` is the model class (pipeline.segment.Segmenter, or a subclass), run inside every
     worker or as the segmenter pool (`plan_layout`); `weights` as `pipeline.model.read_weights` gives them.
-    """
-    layout = layout or plan_layout(cfg)
-    return map_sources(source_blocks(files, cfg, workers=layout.workers), cfg, layout=layout, segmenter=segmenter,
-                       weights=weights)
-
-
-def map_sources(blocks: list[pa.Table], cfg: JobConfig, *, layout: Layout, segmenter: type | None = None,
-                weights=None) -> ray.data.Dataset:
-    """`build_dataset` from source blocks already made (`source_blocks`).
-
-    torch is imported here, in the driver, not at the top: a worker that only calls a segmenter pool never loads it.
+    The pool's actors live as long as the Dataset refers to them (`run_job` ends its own pool at once).
     """
     from pipeline.model import read_weights
-    from pipeline.segment import Segmenter
 
-    segmenter = segmenter or Segmenter
+    layout = layout or plan_layout(cfg)
     weights = weights or read_weights(cfg.segment.weights, orientation=cfg.segment.orientation_weights)
     weights_ref = ray.put(weights)
-    options = segmenter_options(cfg)
-    pool = None
-    if layout.segment_actors:
-        pool = start_segmenter_pool(layout, weights_ref, segmenter, options, timeout_s=cfg.segment.start_timeout_s)
+    segmenter = segmenter_class(segmenter)
+    pool = start_segmenter_pool(layout, weights_ref, segmenter, segmenter_options(cfg),
+                                timeout_s=cfg.segment.start_timeout_s) if layout.segment_actors else None
+    return map_sources(source_blocks(files, cfg, workers=layout.workers), cfg, layout=layout, segmenter=segmenter,
+                       weights=weights, weights_ref=weights_ref, pool=pool)
+
+
+def segmenter_class(segmenter: type | None) -> type:
+    """The model class to run: `segmenter`, or pipeline.segment.Segmenter. torch is imported here, in the
+    driver, not at the top: a worker that only calls a segmenter pool never loads it."""
+    if segmenter is not None:
+        return segmenter
+    from pipeline.segment import Segmenter
+
+    return Segmenter
+
+
+def map_sources(blocks: list[pa.Table], cfg: JobConfig, *, layout: Layout, segmenter: type, weights, weights_ref,
+                pool: list | None) -> ray.data.Dataset:
+    """The lazy Dataset of result rows for source blocks already made (`source_blocks`): every worker runs
+    `segmenter` itself, or calls the segmenter pool's actors `pool` (`start_segmenter_pool`) when given."""
     return ray.data.from_arrow(blocks).map_batches(
         ImageWorker,
         batch_size=None,  # one source block per call: blocks are already sized by files and bytes
         batch_format="pyarrow",
         fn_constructor_kwargs={"cfg": process_config(cfg, weights, layout), "weights_ref": weights_ref, "pool": pool,
                                "segmenter": None if pool else ray.cloudpickle.dumps(segmenter),
-                               "options": options},
+                               "options": segmenter_options(cfg)},
         compute=ray.data.ActorPoolStrategy(size=max(1, min(layout.workers, len(blocks))),
                                            max_tasks_in_flight_per_actor=CALLS_QUEUED_PER_WORKER),
         num_cpus=1,
@@ -406,6 +412,7 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
     todo = pending(files, cfg.output)
     log.info("%d inputs, %d already done, %d to process", len(files), len(files) - len(todo), len(todo))
     processed, redone, stats = len(todo), 0, WriteStats()
+    segmenter, weights_ref = segmenter_class(segmenter), ray.put(weights)
     for attempt in range(PASSES):
         if not todo:
             break
@@ -415,8 +422,15 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
         layout = plan_layout(cfg)
         log.info("%s", layout)
         blocks = source_blocks(todo, cfg, workers=layout.workers)
-        results = map_sources(blocks, cfg, layout=layout, segmenter=segmenter, weights=weights)
-        stats = write_dataset(results, cfg, writers=layout.writers, total=len(todo))
+        pool = start_segmenter_pool(layout, weights_ref, segmenter, segmenter_options(cfg),
+                                    timeout_s=cfg.segment.start_timeout_s) if layout.segment_actors else []
+        try:
+            results = map_sources(blocks, cfg, layout=layout, segmenter=segmenter, weights=weights,
+                                  weights_ref=weights_ref, pool=pool)
+            stats = write_dataset(results, cfg, writers=layout.writers, total=len(todo))
+        finally:  # the pool's GPUs are free when run_job returns, not when Ray collects the actors (~20 s later)
+            for actor in pool:
+                ray.kill(actor)
         stats.source_bytes = sum(b.nbytes for b in blocks)
         todo = pending(files, cfg.output) if stats.failed_writes else []
     run = {"processed": processed, "redone_after_loss": redone,

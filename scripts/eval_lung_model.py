@@ -41,20 +41,25 @@ log = logging.getLogger("eval_lung_model")
 
 
 def predict(models, x: torch.Tensor, *, scales: list[int], bf16: bool) -> np.ndarray:
-    """float (N, 1, S, S) prepared inputs -> float32 (N, S, S) probability, averaged over models x scales."""
+    """float (N, 1, S, S) prepared inputs -> float32 (N, S, S) probability, averaged over models x scales.
+
+    The models' device is used (bf16 autocast on CUDA always, on the CPU with `bf16`)."""
+    device = next(models[0].parameters()).device
+    bf16 = bf16 or device.type == "cuda"
+    x = x.to(device)
     side = x.shape[-1]
-    total = torch.zeros(x.shape[0], side, side)
+    total = torch.zeros(x.shape[0], side, side, device=device)
     for scale in scales:
         xs = x if scale == side else F.interpolate(x, size=(scale, scale), mode="bilinear", align_corners=False)
         if bf16:
             xs = xs.contiguous(memory_format=torch.channels_last)
         for model in models:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(xs).float()
             if scale != side:
                 logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
             total += torch.sigmoid(logits)[:, 0]
-    return (total / (len(scales) * len(models))).numpy()
+    return (total / (len(scales) * len(models))).cpu().numpy()
 
 
 def evaluate_pairs(models, meta, pairs: PairSet, idx: list[int], *, batch: int = 16, bf16: bool = False,
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--external", nargs="*", default=[], help="images/+masks/ folders, scored in full")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--cpu-bf16", action="store_true", help="run the model in bf16 (as Segmenter(cpu_bf16=True))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models run (default: CUDA when present, in bf16 as the pipeline runs it there)")
     p.add_argument("--record", action="store_true", help="store the results in the model file's meta.metrics")
     p.add_argument("--groups", nargs="*", default=[], metavar="NAME=REGEX",
                    help="also the mean Dice of the pairs whose name matches REGEX, e.g. COVID-19=^covid_")
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = [load_model(path) for path in args.model]
-    models = [m.to(memory_format=torch.channels_last) if args.cpu_bf16 else m for m, _ in loaded]
+    fast = args.cpu_bf16 or args.device.startswith("cuda")
+    models = [(m.to(memory_format=torch.channels_last) if fast else m).to(args.device) for m, _ in loaded]
     meta = loaded[0][1]
     for path, (_, other) in zip(args.model[1:], loaded[1:]):
         if (other.input_size, other.normalization, other.threshold) != (meta.input_size, meta.normalization, meta.threshold):
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record and (len(models) > 1 or args.scales):
         p.error("--record stores one model's own numbers: not with several models or --scales")
     groups = dict(g.split("=", 1) for g in args.groups)
-    run = {"bf16": args.cpu_bf16, "scales": args.scales}
+    run = {"bf16": fast, "scales": args.scales}
     results = {}
     if args.val:
         pairs = load_pairs(args.val, limit=args.limit)
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {f"{name}_dice_refined": round(r["dice_mean"], 4) for name, r in results.items()}
         summary["refined_dice_measured_by"] = "scripts/eval_lung_model.py (refine_mask at source resolution)"
         meta = dataclasses.replace(meta, metrics={**meta.metrics, **summary})
-        save_model(args.model[0] or DEFAULT_WEIGHTS, models[0], meta)  # fp16 -> fp32 -> fp16 is exact
+        save_model(args.model[0] or DEFAULT_WEIGHTS, models[0].cpu(), meta)  # fp16 -> fp32 -> fp16 is exact
         log.info("recorded %s in %s", summary, args.model[0] or DEFAULT_WEIGHTS)
     return 0
 

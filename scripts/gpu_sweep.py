@@ -8,7 +8,12 @@ Here, first (the device has no ../shared):
 
 On the device (carry [".gpu"]; no Ray needed):
 
-    python scripts/gpu_sweep.py --out "$OUT" --minutes 7 --variants base boundary diseased strong all
+    python scripts/gpu_sweep.py --out /tmp/sw --minutes 4 --variants base boundary diseased all
+
+Measured there (H200, docs/MODEL_CARD.md): four runs at once trained at 620 images/s each, 2,480
+together, what one run alone gets: the GPU is not shared for free with this model, so several
+variants in one budget each get a fraction of a full run. Rank levers with it; train a model to ship
+alone (`scripts/gpu_train.sh`).
 
 Every variant is `jobs/train.py --backend local` with the shipped recipe (batch 64, lr 2e-3, bf16, a
 wall-clock budget) plus its own flags (VARIANTS), all started together so they share the GPU and the
@@ -49,10 +54,16 @@ VARIANTS: dict[str, list[str]] = {
 CLASSES = {"COVID-19": "^covid_", "Non-COVID": "^non_covid", "Normal": "^normal"}  # COVID-QU-Ex names
 
 
+def repo_env() -> dict[str, str]:
+    """This environment with the repository on PYTHONPATH: the device machine has no installed package."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def train_all(args: argparse.Namespace, out: Path) -> dict[str, dict]:
     """Start every variant's training at once; wait for all. {variant: {returncode, seconds}}."""
     per_run = args.loader_workers if args.loader_workers >= 0 else max(1, ((os.cpu_count() or 2) - 2) // len(args.variants))
     started, procs = time.monotonic(), {}
+    env = repo_env()
     for k, name in enumerate(args.variants):
         cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--backend", "local", "--data", args.data,
                "--minutes", str(args.minutes), "--loader-workers", str(per_run), "--seed", str(args.seed + k),
@@ -60,7 +71,8 @@ def train_all(args: argparse.Namespace, out: Path) -> dict[str, dict]:
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         log.info("start %s: %s", name, " ".join(cmd))
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=(out / f"{name}.log").open("w"),
+                                       stderr=subprocess.STDOUT)
     return {name: {"returncode": p.wait(), "seconds": round(time.monotonic() - started, 1)} for name, p in procs.items()}
 
 
@@ -73,7 +85,7 @@ def evaluate(models: list[Path], args: argparse.Namespace) -> dict:
         cmd += ["--external", *args.external]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True, check=False)
     if done.returncode:
         return {"error": done.stderr[-2000:]}
     return json.loads(done.stdout[done.stdout.index("{"):])
@@ -85,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=".gpu/covid_qu_ex.npz", help="packed training data (train + val split)")
     p.add_argument("--external", nargs="*", default=[".gpu/jsrt.npz", ".gpu/shenzhen.npz"],
                    help="packed external sets, scored in full (missing ones are left out)")
-    p.add_argument("--variants", nargs="+", default=["base", "boundary", "diseased", "strong", "all"], choices=sorted(VARIANTS))
-    p.add_argument("--minutes", type=float, default=7.0, help="training budget of each variant (they run together)")
+    p.add_argument("--variants", nargs="+", default=["base", "boundary", "diseased", "all"], choices=sorted(VARIANTS))
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget of each variant (they run together)")
     p.add_argument("--loader-workers", type=int, default=-1, help="DataLoader processes per variant; -1 = the cores shared out")
     p.add_argument("--eval-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--seed", type=int, default=1)
