@@ -2,7 +2,7 @@
 
 On the device machine (Python with CUDA torch; Ray and the decoders from the bundle, see below):
 
-    source .device/activate && python benchmarks/gpu_node.py --out "$OUT"      # about 4-6 minutes
+    source .device/activate && python benchmarks/gpu_node.py --out "$OUT"      # about 3 minutes on an H200 node
 
 Here, to debug it before device time is spent (no GPU: the GPU node's layout on a CPU actor):
 
