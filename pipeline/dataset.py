@@ -199,15 +199,19 @@ def process_config(cfg: JobConfig, weights, layout: Layout) -> ProcessConfig:
                          quality=quality_model(weights.meta.quality, mirror_view=cfg.segment.mirror_view))
 
 
-def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, options: dict, *, timeout_s: float) -> list:
-    """The segmenter pool's actors, once every one is up (Ray restarts one that dies later and retries its call).
+def start_segmenter_pool(layout: Layout, weights_ref, segmenter: type, cfg: JobConfig) -> list:
+    """The segmenter pool's actors, once every one is up (Ray restarts one that dies later and retries its
+    call); [] when the layout has no pool (the model runs in the workers).
 
-    Raises JobError when they are not up within `timeout_s`: a pool that asks for GPUs the cluster does
-    not have (and no autoscaler adds) would otherwise wait forever.
+    Raises JobError when they are not up within cfg.segment.start_timeout_s: a pool that asks for GPUs the
+    cluster does not have (and no autoscaler adds) would otherwise wait forever.
     """
+    if not layout.segment_actors:
+        return []
+    timeout_s = cfg.segment.start_timeout_s
     actor = ray.remote(PoolSegmenter).options(num_gpus=layout.segment_gpus, num_cpus=0, max_restarts=-1,
                                               max_task_retries=-1)
-    actors = [actor.remote(weights_ref, segmenter, options) for _ in range(layout.segment_actors)]
+    actors = [actor.remote(weights_ref, segmenter, segmenter_options(cfg)) for _ in range(layout.segment_actors)]
     gpus_now = ray.cluster_resources().get("GPU", 0)
     log.info("segmenter pool: %d actors, %s GPU each (the cluster has %s GPUs now)", len(actors), layout.segment_gpus, gpus_now)
     ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors), timeout=timeout_s)
@@ -235,8 +239,7 @@ def build_dataset(files: list[SourceFile], cfg: JobConfig, *, segmenter: type | 
     weights = weights or read_weights(cfg.segment.weights, orientation=cfg.segment.orientation_weights)
     weights_ref = ray.put(weights)
     segmenter = segmenter_class(segmenter)
-    pool = start_segmenter_pool(layout, weights_ref, segmenter, segmenter_options(cfg),
-                                timeout_s=cfg.segment.start_timeout_s) if layout.segment_actors else None
+    pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg)
     return map_sources(source_blocks(files, cfg, workers=layout.workers), cfg, layout=layout, segmenter=segmenter,
                        weights=weights, weights_ref=weights_ref, pool=pool)
 
@@ -252,9 +255,9 @@ def segmenter_class(segmenter: type | None) -> type:
 
 
 def map_sources(blocks: list[pa.Table], cfg: JobConfig, *, layout: Layout, segmenter: type, weights, weights_ref,
-                pool: list | None) -> ray.data.Dataset:
+                pool: list) -> ray.data.Dataset:
     """The lazy Dataset of result rows for source blocks already made (`source_blocks`): every worker runs
-    `segmenter` itself, or calls the segmenter pool's actors `pool` (`start_segmenter_pool`) when given."""
+    `segmenter` itself, or calls the segmenter pool's actors `pool` (`start_segmenter_pool`) when there are any."""
     return ray.data.from_arrow(blocks).map_batches(
         ImageWorker,
         batch_size=None,  # one source block per call: blocks are already sized by files and bytes
@@ -422,8 +425,7 @@ def run_job(cfg: JobConfig, *, segmenter: type | None = None, weights=None) -> d
         layout = plan_layout(cfg)
         log.info("%s", layout)
         blocks = source_blocks(todo, cfg, workers=layout.workers)
-        pool = start_segmenter_pool(layout, weights_ref, segmenter, segmenter_options(cfg),
-                                    timeout_s=cfg.segment.start_timeout_s) if layout.segment_actors else []
+        pool = start_segmenter_pool(layout, weights_ref, segmenter, cfg)
         try:
             results = map_sources(blocks, cfg, layout=layout, segmenter=segmenter, weights=weights,
                                   weights_ref=weights_ref, pool=pool)

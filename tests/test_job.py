@@ -235,6 +235,27 @@ def test_the_gpu_node_layout_gives_the_images_of_the_cpu_layout(ray_local, tmp_p
         assert dice(a, b) > 0.995, name  # bf16 on other batch sizes and thread counts rounds a few edge pixels
 
 
+def test_evaluate_scores_the_bundled_pairs_through_the_job(tmp_path):
+    """`evaluate` (the lazy Dataset of build_dataset, then Dice against the true masks) on the six bundled
+    X-rays that have a mask: every image scored, none failed, the shipped model's masks close to the truth."""
+    labelled = tmp_path / "set"
+    for kind in ("images", "masks"):
+        (labelled / kind).mkdir(parents=True)
+    for mask in sorted((SAMPLES / "masks").glob("*.png")):
+        image = next((SAMPLES / "xrays").glob(mask.stem + ".*"))
+        os.link(image, labelled / "images" / image.name)
+        os.link(mask, labelled / "masks" / mask.name)
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--set", f"samples={labelled}",
+                        "--output", str(out)], capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())["sets"]["samples"]
+    assert report["n"] == 6 and report["errors"] == [], report
+    assert report["mean_dice"] > 0.96 and report["worst_dice"] > 0.94, report  # 0.9757 and 0.9606 when written
+    assert (out / "worst_samples.png").is_file()
+
+
 def test_the_models_threshold_is_used(tmp_path):
     from types import SimpleNamespace
 
