@@ -112,6 +112,11 @@ def stage_costs(paths: list[Path], weights, segment) -> dict[str, float]:
     return {k: 1000 * v / len(paths) for k, v in t.items()}
 
 
+def non_model_ms(costs: dict[str, float]) -> float:
+    """The sum of the stage costs without the model's: what the CPUs do per image when a GPU runs the model."""
+    return sum(v for k, v in costs.items() if k != "model")
+
+
 def rows_and_write_s(paths: list[Path], weights, segment) -> float:
     """Seconds to turn `paths`' result rows (made first, by the job's own `process`, untimed) into the Arrow
     table a worker emits and to write it as a Parquet shard (`write_results`, what a writer actor runs)."""
@@ -287,10 +292,10 @@ def main() -> None:
         after = measure_stages(sample, weights, all_cores)  # the machine's speed drifts: the ideal brackets the jobs
         costs = {k: (before[0][k] + after[0][k]) / 2 for k in STAGES}
         free_costs = {k: (before[1][k] + after[1][k]) / 2 for k in STAGES}
-        sum_ms, free_sum_ms = sum(costs.values()), sum(free_costs.values()) - free_costs["model"]
+        sum_ms, free_sum_ms = sum(costs.values()), non_model_ms(free_costs)
         res["stages_ms"] = {k: round(v, 2) for k, v in costs.items()}
         res["stage_sum_ms_before_after"] = [round(sum(before[0].values()), 1), round(sum(after[0].values()), 1)]
-        res["non_model_ms"] = round(sum_ms - costs["model"], 2)
+        res["non_model_ms"] = round(non_model_ms(costs), 2)
         res["ideal_images_per_s"] = args.cpus * 1000 / sum_ms
         res["free_ideal_images_per_s"] = args.cpus * 1000 / free_sum_ms
         res["job"] = job_result(*job, args.n, res["ideal_images_per_s"])

@@ -276,12 +276,12 @@ def main() -> int:
     sample = sorted((work / "in").glob("*.png"))[:: max(1, (args.n - int(args.n * DICOM_SHARE)) // STAGE_SAMPLE)][:STAGE_SAMPLE]
     costs, free_costs = bench.measure_stages(sample, weights, os.sched_getaffinity(0))
     res["stages_ms_one_core"] = {k: round(v, 2) for k, v in costs.items()}
-    non_model = sum(v for k, v in free_costs.items() if k != "model")
+    non_model = bench.non_model_ms(free_costs)
     res["cpu_ms_per_image_without_model"] = round(non_model, 1)
     res["cpu_side_ideal_images_per_s"] = round(cpus * 1000 / non_model, 1)
     loaded = loaded_stage_costs(sample, os.sched_getaffinity(0))
     res["stages_ms_every_core_busy"] = {k: round(v, 2) for k, v in loaded.items()}
-    loaded_non_model = sum(v for k, v in loaded.items() if k != "model")
+    loaded_non_model = bench.non_model_ms(loaded)
     res["cpu_side_ideal_every_core_busy_images_per_s"] = round(cpus * 1000 / loaded_non_model, 1)
     res["steady_over_cpu_side_ideal_every_core_busy"] = round(
         (res["job"]["steady_images_per_s"] or 0) / res["cpu_side_ideal_every_core_busy_images_per_s"], 3)

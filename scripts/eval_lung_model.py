@@ -43,9 +43,8 @@ log = logging.getLogger("eval_lung_model")
 def predict(models, x: torch.Tensor, *, scales: list[int], bf16: bool) -> np.ndarray:
     """float (N, 1, S, S) prepared inputs -> float32 (N, S, S) probability, averaged over models x scales.
 
-    The models' device is used (bf16 autocast on CUDA always, on the CPU with `bf16`)."""
+    Runs on the models' device; `bf16`: bf16 autocast and channels_last there."""
     device = next(models[0].parameters()).device
-    bf16 = bf16 or device.type == "cuda"
     x = x.to(device)
     side = x.shape[-1]
     total = torch.zeros(x.shape[0], side, side, device=device)
