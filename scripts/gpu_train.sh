@@ -9,7 +9,8 @@
 # Full checkpoints (~23 MB, over the 16 MB a device run can return) go to $CKPT, default /tmp/lung_ckpt.
 # Knobs (environment): MINUTES (training budget incl. data loading, default 6.5), PYTHON (python3),
 # DATA, BATCH (64), LR (2e-3), BASE_WIDTH (16), INPUT_SIZE (256), EXTRA (more jobs/train.py flags),
-# EVAL_EXTRA (more eval_lung_model.py flags). The next lung-model run (docs/MODEL_CARD.md):
+# EVAL_EXTRA (more eval_lung_model.py flags). The next lung-model run (docs/MODEL_CARD.md), about 7.5
+# device minutes: first whether torch.compile speeds the training step (benchmarks/bench_train_step.py), then
 #   MINUTES=6 EXTRA="--boundary-weight 2" OUT=$OUT bash scripts/gpu_train.sh
 set -euo pipefail
 : "${OUT:?set OUT to the output folder}"

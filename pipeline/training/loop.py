@@ -175,6 +175,26 @@ def augmented_inputs(ds: PairDataset, *, n: int, augment: AugmentConfig, seed: i
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, m_u8: torch.Tensor, *,
+               augment: AugmentConfig, device: torch.device, fast: bool, boundary_weight: float,
+               boundary_px: int) -> torch.Tensor:
+    """One optimizer step on a loader batch (uint8 (N, 1, S, S) inputs x255 and masks {0, 1}); the detached loss.
+
+    On `device`: the random geometry of `augment`, the forward pass (bf16 autocast and channels_last when
+    `fast`), BCE + soft Dice (`dice_bce_loss`), backward, the optimizer's step at its current LR.
+    """
+    x = x_u8.to(device, non_blocking=True).float().div_(255)
+    m = m_u8.to(device, non_blocking=True).float()
+    x, m = augment_geometry(x, m, random_affines(len(x), cfg=augment, device=device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+        logits = model(channels_last(x, fast))
+    loss = dice_bce_loss(logits, m, boundary_weight=boundary_weight, boundary_px=boundary_px)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentConfig | None = None) -> dict:
     """Train, keep the best-by-val-Dice weights at cfg.out (rank 0), return the final metrics dict.
 
@@ -267,26 +287,16 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
         train_model.train()
         t0, seen, loss_sum, loss_n = time.monotonic(), 0, torch.zeros((), device=rt.device), 0
         for step_in_epoch, (x_u8, m_u8) in enumerate(loader):
-            x = x_u8.to(rt.device, non_blocking=True).float().div_(255)
-            m = m_u8.to(rt.device, non_blocking=True).float()
-            x, m = augment_geometry(x, m, random_affines(len(x), cfg=augment, device=rt.device))
-            x = channels_last(x, fast)
-            progress = progress_now()
             if cfg.average:
                 factor = cycle_factor((step_in_epoch + 1) / steps_per_epoch)
             else:
-                factor = lr_factor(progress, warmup=cfg.warmup)
+                factor = lr_factor(progress_now(), warmup=cfg.warmup)
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * factor
-            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=fast):
-                logits = train_model(x)
-            loss = dice_bce_loss(logits, m, boundary_weight=cfg.boundary_weight, boundary_px=cfg.boundary_px)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += train_step(train_model, optimizer, x_u8, m_u8, augment=augment, device=rt.device, fast=fast,
+                                   boundary_weight=cfg.boundary_weight, boundary_px=cfg.boundary_px)
             loss_n += 1
-            seen += len(x)
+            seen += len(x_u8)
             state["step"] += 1
             check = rt.world_size == 1 or state["step"] % 5 == 0  # a collective every step would slow DDP
             if budget_s and check and _all_agree(progress_now() >= 1.0, rt.device):
