@@ -25,7 +25,8 @@ from pipeline.model_input import NORMALIZATION_EQUALIZE_U8, ModelMeta
 from pipeline.segment import cpu_has_native_bf16
 from pipeline.training.augment import AUGMENT_PRESETS
 from pipeline.training.data import TRAIN, PairDataset, load_pairs
-from pipeline.training.loop import train_step
+from pipeline.training.loop import loader_processes, train_step
+from pipeline.training.metrics import BOUNDARY_PX
 from pipeline.unet import UNetConfig, build_unet, count_parameters
 
 
@@ -46,7 +47,7 @@ def step_ms(model, optimizer, batches, *, device, fast: bool, steps: int, bounda
         for i in range(k):
             x, m = batches[i % len(batches)]
             train_step(model, optimizer, x, m, augment=AUGMENT_PRESETS["default"], device=device, fast=fast,
-                       boundary_weight=boundary_weight, boundary_px=3)
+                       boundary_weight=boundary_weight, boundary_px=BOUNDARY_PX)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -104,7 +105,7 @@ def main() -> None:
         print(f"training step, {label}, {device.type}{' bf16' if fast else ''}, batch {args.batch}, "
               f"{count_parameters(model):,} parameters: {results[label]:.3f} ms per image "
               f"({1e3 / results[label]:,.0f} images/s)")
-    workers = max(0, min(14, (os.cpu_count() or 1) - 2))
+    workers = loader_processes(-1)
     for label, ms in results.items():
         need = per_preset["default"] / ms
         print(f"{label}: the step needs {need:.2f} loader processes (default preset); train starts {workers} here")

@@ -175,6 +175,11 @@ def augmented_inputs(ds: PairDataset, *, n: int, augment: AugmentConfig, seed: i
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+def loader_processes(setting: int) -> int:
+    """DataLoader worker processes for `TrainConfig.loader_workers`: the setting, or for -1 cores - 2, at most 14."""
+    return setting if setting >= 0 else max(0, min(14, (os.cpu_count() or 1) - 2))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, m_u8: torch.Tensor, *,
                augment: AugmentConfig, device: torch.device, fast: bool, boundary_weight: float,
                boundary_px: int) -> torch.Tensor:
@@ -229,7 +234,7 @@ def train(cfg: TrainConfig, runtime: Runtime | None = None, *, augment: AugmentC
     log.info("data: %s; %d train, %d val pairs; %.1f s to load", pairs.source, len(train_idx), len(val_idx),
              time.monotonic() - t_start)
 
-    workers = cfg.loader_workers if cfg.loader_workers >= 0 else max(0, min(14, (os.cpu_count() or 1) - 2))
+    workers = loader_processes(cfg.loader_workers)
     sampler = None
     if rt.world_size > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=rt.world_size, rank=rt.rank,
